@@ -1,0 +1,26 @@
+"""jaxnet: neural networks as pure functions over parameter pytrees.
+
+>>> import jax, jaxnet as jn
+>>> net = jn.serial(jn.Flatten(), jn.Dense(512), jn.relu, jn.Dense(10))
+>>> params = net.init(jax.random.key(0), (1, 28, 28))
+>>> logits = net.apply(params, jax.numpy.ones((32, 28, 28)))   # (32, 10)
+"""
+
+from jaxnet.activations import (Activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid,
+                                silu, softmax, softplus, tanh)
+from jaxnet.combinators import Named, Parallel, Residual, Serial, named, parallel, residual, serial
+from jaxnet.conv import AvgPool, Conv, Conv1D, Conv2D, MaxPool
+from jaxnet.core import Context, Layer, ShapeError
+from jaxnet.layers import Dense, Dropout, Embedding, Flatten, Reshape
+from jaxnet.norm import BatchNorm, LayerNorm
+from jaxnet.summary import Summary, summarize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation", "AvgPool", "BatchNorm", "Context", "Conv", "Conv1D", "Conv2D", "Dense", "Dropout",
+    "Embedding", "Flatten", "Layer", "LayerNorm", "MaxPool", "Named", "Parallel", "Reshape",
+    "Residual", "Serial", "ShapeError", "Summary", "elu", "gelu", "leaky_relu", "log_softmax",
+    "named", "parallel", "relu", "residual", "serial", "sigmoid", "silu", "softmax", "softplus",
+    "summarize", "tanh",
+]

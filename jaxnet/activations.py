@@ -1,0 +1,62 @@
+"""Activations, usable both as functions (``relu(x)``) and as layers (``serial(..., relu)``).
+
+Each is a thin wrapper over ``jax.nn``; ``softmax`` and ``log_softmax`` act on the
+last axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from jaxnet.core import Layer
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Activation(Layer):
+    """An elementwise (or last-axis) function as a layer without parameters.
+
+    Args:
+      fn: ``(..., features) -> (..., features)``, e.g. ``jax.nn.relu``.
+      name: the name used in params paths and summaries; defaults to ``fn.__name__``.
+
+    Example:
+      >>> swish = Activation(jax.nn.swish)   # then serial(Dense(8), swish)
+    """
+
+    fn: Callable[[jax.Array], jax.Array]
+    name: str | None = None
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"Activation: fn must be callable, got {self.fn!r}")
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.name or getattr(self.fn, "__name__", "activation")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fn(x)
+
+    def __repr__(self) -> str:
+        return self.kind
+
+    def _apply(self, params, state, x, ctx):
+        return self.fn(x), state
+
+
+sigmoid = Activation(jax.nn.sigmoid, "sigmoid")
+relu = Activation(jax.nn.relu, "relu")
+tanh = Activation(jax.numpy.tanh, "tanh")
+gelu = Activation(jax.nn.gelu, "gelu")
+silu = Activation(jax.nn.silu, "silu")
+elu = Activation(jax.nn.elu, "elu")
+leaky_relu = Activation(jax.nn.leaky_relu, "leaky_relu")
+softplus = Activation(jax.nn.softplus, "softplus")
+softmax = Activation(jax.nn.softmax, "softmax")
+log_softmax = Activation(jax.nn.log_softmax, "log_softmax")
+
+ACTIVATIONS = {a.kind: a for a in (sigmoid, relu, tanh, gelu, silu, elu, leaky_relu, softplus,
+                                   softmax, log_softmax)}

@@ -1,0 +1,224 @@
+"""Convolution and pooling over channels-last inputs ``(batch, *spatial, channels)``.
+
+Kernels are laid out ``(*kernel_size, in_channels // groups, features)`` (``HWIO``
+in 2-D), the layout XLA's CPU and GPU convolutions prefer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnet.core import Layer, broadcast_trailing, ShapeError, require_example_ndim, require_floating, shape_str
+from jaxnet.initializers import check_weight_init, init_weight_and_bias
+from jaxnet.layers import check_positive
+
+Padding = str | tuple[tuple[int, int], ...]
+
+
+def _as_tuple(layer: str, name: str, value, ndim: int) -> tuple[int, ...]:
+    values = (value,) * ndim if isinstance(value, int) else tuple(value)
+    if len(values) != ndim:
+        raise ValueError(f"{layer}: {name} needs {ndim} entries (one per spatial axis), got {value!r}")
+    for v in values:
+        check_positive(layer, name, v)
+    return values
+
+
+def _as_padding(layer: str, padding, ndim: int) -> Padding:
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"{layer}: unknown padding {padding!r}; use 'SAME', 'VALID', an int "
+                             "or one (low, high) pair per spatial axis")
+        return padding.upper()
+    if isinstance(padding, int):
+        padding = ((padding, padding),) * ndim
+    try:
+        pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+    except (TypeError, ValueError):
+        raise ValueError(f"{layer}: unknown padding {padding!r}; use 'SAME', 'VALID', an int "
+                         "or one (low, high) pair per spatial axis") from None
+    if len(pairs) != ndim or any(lo < 0 or hi < 0 for lo, hi in pairs):
+        raise ValueError(f"{layer}: padding needs {ndim} non-negative (low, high) pairs, got {padding!r}")
+    return pairs
+
+
+def _layout(ndim: int) -> str:
+    return "(" + ", ".join(["depth", "height", "width"][3 - ndim:] if ndim > 1 else ["length"]) + ", channels)"
+
+
+def _check_window_fits(path: str, what: str, spatial: tuple[int, ...], window: tuple[int, ...],
+                       padding: Padding) -> None:
+    """A window larger than the (padded) input is a mistake, not an empty output."""
+    pads = [(0, 0)] * len(spatial) if padding in ("SAME", "VALID") else padding
+    for size, w, (lo, hi) in zip(spatial, window, pads):
+        if padding != "SAME" and w > size + lo + hi:
+            raise ShapeError(f"{path}: {what} {shape_str(window)} is larger than the input's spatial "
+                             f"shape {shape_str(spatial)}" + ("" if padding == "VALID" else
+                                                              f" padded by {padding}"))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Conv(Layer):
+    """N-d convolution, channels last; use :func:`Conv1D` or :func:`Conv2D` to build one.
+
+    Args:
+      features: output channels.
+      kernel_size: one size per spatial axis.
+      strides: one stride per spatial axis.
+      padding: ``"SAME"``, ``"VALID"``, an int, or one ``(low, high)`` pair per axis.
+      dilation: kernel dilation per spatial axis.
+      feature_group_count: groups; must divide both input channels and ``features``.
+      use_bias, weight_init: as in :class:`~jaxnet.Dense`.
+
+    Shapes:
+      x: ``(batch, *spatial, in_channels)`` floating;
+      ``w: (*kernel_size, in_channels // groups, features)``, ``b: (features,)``;
+      y: ``(batch, *out_spatial, features)``.
+    """
+
+    features: int
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...] | int = 1
+    padding: Padding = "SAME"
+    dilation: tuple[int, ...] | int = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    weight_init: Any = "lecun_normal"
+    kind: ClassVar[str] = "conv"
+
+    def __post_init__(self):
+        if isinstance(self.kernel_size, int):
+            raise ValueError(f"Conv: kernel_size needs one size per spatial axis, e.g. (3, 3), got "
+                             f"{self.kernel_size!r}; Conv1D and Conv2D also take an int")
+        name = f"Conv{len(self.kernel_size)}D"
+        check_positive(name, "features", self.features)
+        kernel = _as_tuple(name, "kernel_size", self.kernel_size, len(tuple(self.kernel_size)))
+        ndim = len(kernel)
+        if ndim not in (1, 2, 3):
+            raise ValueError(f"{name}: kernel_size needs 1 to 3 spatial sizes, got {self.kernel_size!r}")
+        object.__setattr__(self, "kernel_size", kernel)
+        object.__setattr__(self, "strides", _as_tuple(name, "strides", self.strides, ndim))
+        object.__setattr__(self, "dilation", _as_tuple(name, "dilation", self.dilation, ndim))
+        object.__setattr__(self, "padding", _as_padding(name, self.padding, ndim))
+        check_positive(name, "feature_group_count", self.feature_group_count)
+        if self.features % self.feature_group_count:
+            raise ValueError(f"{name}: features ({self.features}) must be divisible by "
+                             f"feature_group_count ({self.feature_group_count})")
+        check_weight_init(name, self.weight_init)
+
+    def _dimension_numbers(self):
+        spatial = "DHW"[3 - len(self.kernel_size):]
+        return (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+
+    def _init(self, key, x, path):
+        ndim = len(self.kernel_size)
+        require_floating(x, path)
+        require_example_ndim(x, ndim + 1, path, _layout(ndim))
+        channels = x.shape[-1]
+        if channels % self.feature_group_count:
+            raise ShapeError(f"{path}: input channels ({channels}) must be divisible by "
+                             f"feature_group_count ({self.feature_group_count})")
+        dilated = tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation))
+        _check_window_fits(path, "kernel (dilated)", x.shape[1:-1], dilated, self.padding)
+        in_per_group = channels // self.feature_group_count
+        fan_in = in_per_group * math.prod(self.kernel_size)
+        w_shape = self.kernel_size + (in_per_group, self.features)
+        return init_weight_and_bias(key, self.weight_init, w_shape, fan_in, self.use_bias, x.dtype), {}
+
+    def _apply(self, params, state, x, ctx):
+        y = lax.conv_general_dilated(
+            x, params["w"], window_strides=self.strides, padding=self.padding,
+            rhs_dilation=self.dilation, dimension_numbers=self._dimension_numbers(),
+            feature_group_count=self.feature_group_count)
+        if self.use_bias:
+            y = y + broadcast_trailing(params["b"], y)
+        return y, state
+
+    def _flops(self, x_shape, y_shape, params):
+        per_output = 2 * math.prod(self.kernel_size) * x_shape[-1] // self.feature_group_count
+        return math.prod(y_shape) * per_output
+
+
+def Conv1D(features: int, kernel_size: int | Sequence[int], **kwargs) -> Conv:
+    """1-D convolution over ``(batch, length, channels)``; see :class:`Conv` for the arguments."""
+    return Conv(features, _as_tuple("Conv1D", "kernel_size", kernel_size, 1), **kwargs)
+
+
+def Conv2D(features: int, kernel_size: int | Sequence[int], **kwargs) -> Conv:
+    """2-D convolution over ``(batch, height, width, channels)``; see :class:`Conv` for the arguments."""
+    return Conv(features, _as_tuple("Conv2D", "kernel_size", kernel_size, 2), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Pool(Layer):
+    """Shared validation of pooling windows; see :class:`MaxPool` and :class:`AvgPool`."""
+
+    window_shape: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    padding: Padding = "VALID"
+
+    def __post_init__(self):
+        name = type(self).__name__
+        window = _as_tuple(name, "window_shape", self.window_shape,
+                           1 if isinstance(self.window_shape, int) else len(tuple(self.window_shape)))
+        object.__setattr__(self, "window_shape", window)
+        object.__setattr__(self, "strides", window if self.strides is None
+                           else _as_tuple(name, "strides", self.strides, len(window)))
+        object.__setattr__(self, "padding", _as_padding(name, self.padding, len(window)))
+
+    def _init(self, key, x, path):
+        ndim = len(self.window_shape)
+        require_example_ndim(x, ndim + 1, path, _layout(ndim))
+        _check_window_fits(path, "window", x.shape[1:-1], self.window_shape, self.padding)
+        return {}, {}
+
+    def _reduce(self, x, init, op):
+        dims = (1,) + self.window_shape + (1,)
+        strides = (1,) + self.strides + (1,)
+        padding = self.padding if isinstance(self.padding, str) else ((0, 0),) + self.padding + ((0, 0),)
+        return lax.reduce_window(x, init, op, dims, strides, padding)
+
+    def _flops(self, x_shape, y_shape, params):
+        return math.prod(y_shape) * math.prod(self.window_shape)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class MaxPool(_Pool):
+    """Max over windows of each channel.
+
+    Args:
+      window_shape: window per spatial axis, e.g. ``(2, 2)``.
+      strides: defaults to ``window_shape``.
+      padding: ``"VALID"`` (default), ``"SAME"`` or ``(low, high)`` pairs; padding never wins the max.
+
+    Shapes: x ``(batch, *spatial, channels)`` -> y ``(batch, *out_spatial, channels)``.
+    """
+
+    kind: ClassVar[str] = "max_pool"
+
+    def _apply(self, params, state, x, ctx):
+        return self._reduce(x, jnp.array(-jnp.inf, x.dtype), lax.max), state
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class AvgPool(_Pool):
+    """Mean over windows of each channel; with padding, the mean of the real (unpadded) values.
+
+    Arguments and shapes as in :class:`MaxPool`.
+    """
+
+    kind: ClassVar[str] = "avg_pool"
+
+    def _apply(self, params, state, x, ctx):
+        zero = jnp.array(0, x.dtype)
+        sums = self._reduce(x, zero, lax.add)
+        if self.padding == "VALID":
+            return sums / math.prod(self.window_shape), state
+        counts = self._reduce(jnp.ones((1,) + x.shape[1:-1] + (1,), x.dtype), zero, lax.add)
+        return sums / counts, state

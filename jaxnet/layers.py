@@ -1,0 +1,178 @@
+"""Dense, Embedding, Flatten, Reshape and Dropout layers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxnet.core import (Layer, broadcast_trailing, ShapeError, param_dtype, require_floating, shape_str)
+from jaxnet.initializers import check_weight_init, init_weight_and_bias
+
+
+def check_positive(layer: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{layer}: {name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Dense(Layer):
+    """``y = x @ w + b`` on the last axis.
+
+    Args:
+      features: output width.
+      use_bias: add the bias ``b``.
+      weight_init: ``"lecun_normal"`` (default), ``"he_normal"``, ``"he_uniform"``,
+        ``"glorot_normal"``, ``"glorot_uniform"``, ``"lecun_uniform"``, ``"pytorch"``
+        or a ``jax.nn.initializers`` function.
+
+    Shapes:
+      x: ``(batch, ..., in_features)`` floating; params ``w: (in_features, features)``,
+      ``b: (features,)`` in x's dtype; y: ``(batch, ..., features)``.
+    """
+
+    features: int
+    use_bias: bool = True
+    weight_init: Any = "lecun_normal"
+    kind: ClassVar[str] = "dense"
+
+    def __post_init__(self):
+        check_positive("Dense", "features", self.features)
+        check_weight_init("Dense", self.weight_init)
+
+    def _init(self, key, x, path):
+        require_floating(x, path)
+        if x.ndim < 2:
+            raise ShapeError(f"{path}: expected examples with a feature axis (..., in_features); "
+                             f"got examples of shape {shape_str(x.shape[1:])}")
+        return init_weight_and_bias(key, self.weight_init, (x.shape[-1], self.features),
+                                    x.shape[-1], self.use_bias, x.dtype), {}
+
+    def _apply(self, params, state, x, ctx):
+        y = x @ params["w"]
+        if self.use_bias:
+            y = y + broadcast_trailing(params["b"], y)
+        return y, state
+
+    def _flops(self, x_shape, y_shape, params):
+        return 2 * math.prod(x_shape) * self.features + (math.prod(y_shape) if self.use_bias else 0)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Embedding(Layer):
+    """A lookup table: integer ids to vectors.
+
+    Args:
+      num_embeddings: number of ids; valid ids are ``0 .. num_embeddings - 1``.
+      features: vector width.
+
+    Shapes:
+      x: ``(batch, ...)`` integer ids; params ``table: (num_embeddings, features)``
+      float32; y: ``(batch, ..., features)``. An id out of range gives a row of NaN,
+      never another id's vector.
+    """
+
+    num_embeddings: int
+    features: int
+    kind: ClassVar[str] = "embedding"
+
+    def __post_init__(self):
+        check_positive("Embedding", "num_embeddings", self.num_embeddings)
+        check_positive("Embedding", "features", self.features)
+
+    def _init(self, key, x, path):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{path}: expected integer ids, got {x.dtype} of shape {shape_str(x.shape)}")
+        table = jax.random.normal(key, (self.num_embeddings, self.features), param_dtype(x))
+        return {"table": table}, {}
+
+    def _apply(self, params, state, x, ctx):
+        return jnp.take(params["table"], x, axis=0, mode="fill", fill_value=jnp.nan), state
+
+    def _flops(self, x_shape, y_shape, params):
+        return 0
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Flatten(Layer):
+    """Flattens each example into a vector: ``(batch, *example) -> (batch, prod(example))``."""
+
+    kind: ClassVar[str] = "flatten"
+
+    def _apply(self, params, state, x, ctx):
+        return x.reshape(x.shape[0], -1), state
+
+    def _flops(self, x_shape, y_shape, params):
+        return 0
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Reshape(Layer):
+    """Reshapes each example: ``(batch, *example) -> (batch, *shape)``.
+
+    Args:
+      shape: the new example shape; at most one entry may be ``-1``.
+    """
+
+    shape: tuple[int, ...]
+    kind: ClassVar[str] = "reshape"
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(self.shape))
+        if (any(not isinstance(d, int) or d == 0 or d < -1 for d in self.shape)
+                or self.shape.count(-1) > 1):
+            raise ValueError(f"Reshape: shape must hold positive sizes and at most one -1, got {self.shape}")
+
+    def _target(self, example_shape, path):
+        size, known = math.prod(example_shape), math.prod(d for d in self.shape if d != -1)
+        target = tuple(size // known if d == -1 else d for d in self.shape)
+        if math.prod(target) != size:
+            raise ShapeError(f"{path}: cannot reshape examples of shape {shape_str(example_shape)} "
+                             f"({size} values) to {shape_str(self.shape)}")
+        return target
+
+    def _init(self, key, x, path):
+        self._target(x.shape[1:], path)
+        return {}, {}
+
+    def _apply(self, params, state, x, ctx):
+        return x.reshape((x.shape[0],) + self._target(x.shape[1:], ctx.path)), state
+
+    def _flops(self, x_shape, y_shape, params):
+        return 0
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Dropout(Layer):
+    """Zeroes each value with probability ``drop_rate`` in training mode, scaling the rest by ``1/(1-drop_rate)``.
+
+    Identity in evaluation mode. In training mode it needs a PRNG key
+    (``apply(..., key=k, train=True)``).
+
+    Args:
+      drop_rate: probability of dropping a value, in ``[0, 1)``.
+    """
+
+    drop_rate: float
+    kind: ClassVar[str] = "dropout"
+
+    def __post_init__(self):
+        if not isinstance(self.drop_rate, (int, float)) or not 0 <= self.drop_rate < 1:
+            raise ValueError(f"Dropout: drop_rate must be in [0, 1), got {self.drop_rate!r}")
+
+    @property
+    def needs_key(self):
+        return self.drop_rate > 0
+
+    def _apply(self, params, state, x, ctx):
+        if not ctx.train or self.drop_rate == 0:
+            return x, state
+        if ctx.key is None:
+            raise ValueError(f"{ctx.path}: Dropout in training mode needs a PRNG key: "
+                             "call apply(params, x, key=jax.random.key(...), train=True)")
+        keep_rate = 1.0 - self.drop_rate
+        keep = jax.random.bernoulli(ctx.key, keep_rate, x.shape)
+        return jnp.where(keep, x / keep_rate, jnp.zeros_like(x)), state

@@ -1,0 +1,122 @@
+"""Normalisation: LayerNorm (per example) and BatchNorm (batch statistics, running state)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnet.core import Layer, ShapeError, broadcast_trailing, require_floating, shape_str
+
+
+def _check_feature_axis(x, path: str) -> None:
+    if x.ndim < 2:
+        raise ShapeError(f"{path}: expected examples with a feature axis (..., features); "
+                         f"got examples of shape {shape_str(x.shape[1:])}")
+
+
+def _scale_and_bias(x, use_scale: bool, use_bias: bool) -> dict:
+    features = x.shape[-1]
+    params = {}
+    if use_scale:
+        params["scale"] = jnp.ones((features,), x.dtype)
+    if use_bias:
+        params["bias"] = jnp.zeros((features,), x.dtype)
+    return params
+
+
+def _normalise(x, mean, var, params, epsilon):
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias``; statistics of shape ``(features,)`` or keepdims."""
+    y = (x - broadcast_trailing(mean, x)) * broadcast_trailing(lax.rsqrt(var + epsilon), x)
+    if "scale" in params:
+        y = y * broadcast_trailing(params["scale"], x)
+    if "bias" in params:
+        y = y + broadcast_trailing(params["bias"], x)
+    return y
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LayerNorm(Layer):
+    """Normalises each position over its last axis, then scales and shifts.
+
+    Shapes: x ``(batch, ..., features)`` floating -> same shape;
+    params ``scale``, ``bias``: ``(features,)``.
+    """
+
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    kind: ClassVar[str] = "layer_norm"
+
+    def __post_init__(self):
+        if not self.epsilon > 0:
+            raise ValueError(f"LayerNorm: epsilon must be positive, got {self.epsilon!r}")
+
+    def _init(self, key, x, path):
+        require_floating(x, path)
+        _check_feature_axis(x, path)
+        return _scale_and_bias(x, self.use_scale, self.use_bias), {}
+
+    def _apply(self, params, state, x, ctx):
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.var(x, axis=-1, keepdims=True)
+        return _normalise(x, mean, var, params, self.epsilon), state
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class BatchNorm(Layer):
+    """Normalises each channel (last axis) with statistics over the batch and all other axes.
+
+    In training mode it uses the batch's statistics and returns updated running
+    averages ``new = momentum * old + (1 - momentum) * batch``; in evaluation mode it
+    uses the running averages. Use ``init_with_state`` / ``apply_with_state``.
+
+    Args:
+      momentum: weight of the old running average, in ``[0, 1)``.
+      epsilon: added to the variance.
+      axis_name: a ``jax.vmap``/``shard_map`` axis name to average statistics over,
+        needed when examples are mapped one at a time (e.g. ``vmap(..., axis_name="batch")``).
+
+    Shapes: x ``(batch, ..., channels)`` -> same; params ``scale``, ``bias`` and state
+    ``mean``, ``var``: ``(channels,)``.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    axis_name: str | None = None
+    kind: ClassVar[str] = "batch_norm"
+
+    def __post_init__(self):
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"BatchNorm: momentum must be in [0, 1), got {self.momentum!r}")
+        if not self.epsilon > 0:
+            raise ValueError(f"BatchNorm: epsilon must be positive, got {self.epsilon!r}")
+
+    @property
+    def has_state(self):
+        return True
+
+    def _init(self, key, x, path):
+        require_floating(x, path)
+        _check_feature_axis(x, path)
+        features = x.shape[-1]
+        state = {"mean": jnp.zeros((features,), x.dtype), "var": jnp.ones((features,), x.dtype)}
+        return _scale_and_bias(x, self.use_scale, self.use_bias), state
+
+    def _apply(self, params, state, x, ctx):
+        if not ctx.train:
+            return _normalise(x, state["mean"], state["var"], params, self.epsilon), state
+        axes = tuple(range(x.ndim - 1))
+        if self.axis_name is None:
+            mean, var = jnp.mean(x, axes), jnp.var(x, axes)
+        else:  # statistics over examples mapped one at a time
+            mean, mean_of_squares = lax.pmean((jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)),
+                                              self.axis_name)
+            var = jnp.maximum(mean_of_squares - jnp.square(mean), 0)
+        new_state = {name: self.momentum * state[name] + (1 - self.momentum) * lax.stop_gradient(batch)
+                     for name, batch in (("mean", mean), ("var", var))}
+        return _normalise(x, mean, var, params, self.epsilon), new_state
