@@ -123,6 +123,11 @@ class Parallel(Layer):
         if self.fan_in == "sum" and len(set(shapes.values())) > 1:
             raise ShapeError(f"{path or 'parallel'}: fan_in='sum' needs branch outputs of one shape; got "
                              + ", ".join(f"{n} {shape_str(s[1:])}" for n, s in shapes.items()))
+        if self.fan_in == "concat" and any(len(s) < 2 for s in shapes.values()):
+            # without a feature axis the last axis is the batch axis: concat would join examples
+            raise ShapeError(f"{path or 'parallel'}: fan_in='concat' joins the last axis and needs branch "
+                             "outputs with a feature axis; got " + ", ".join(
+                                 f"{n} {shape_str(s[1:])}" for n, s in shapes.items()))
         if self.fan_in == "concat" and len({s[:-1] for s in shapes.values()}) > 1:
             raise ShapeError(f"{path or 'parallel'}: fan_in='concat' joins the last axis and needs the other axes "
                              "equal; got " + ", ".join(f"{n} {shape_str(s[1:])}" for n, s in shapes.items()))

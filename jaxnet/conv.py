@@ -174,6 +174,8 @@ class _Pool(Layer):
 
     def _init(self, key, x, path):
         ndim = len(self.window_shape)
+        # MaxPool pads with -inf, which has no integer value; AvgPool would silently change dtype.
+        require_floating(x, path)
         require_example_ndim(x, ndim + 1, path, _layout(ndim))
         _check_window_fits(path, "window", x.shape[1:-1], self.window_shape, self.padding)
         return {}, {}
@@ -203,7 +205,9 @@ class MaxPool(_Pool):
     kind: ClassVar[str] = "max_pool"
 
     def _apply(self, params, state, x, ctx):
-        return self._reduce(x, jnp.array(-jnp.inf, x.dtype), lax.max), state
+        # A NumPy scalar, not jnp.array: under jit the latter is a tracer, and reduce_window with a
+        # traced init value falls back to a generic reduction that cannot be differentiated.
+        return self._reduce(x, x.dtype.type(-jnp.inf), lax.max), state
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -216,7 +220,7 @@ class AvgPool(_Pool):
     kind: ClassVar[str] = "avg_pool"
 
     def _apply(self, params, state, x, ctx):
-        zero = jnp.array(0, x.dtype)
+        zero = x.dtype.type(0)  # concrete, see MaxPool
         sums = self._reduce(x, zero, lax.add)
         if self.padding == "VALID":
             return sums / math.prod(self.window_shape), state

@@ -319,7 +319,7 @@ def infer_example_ndim(layer: Layer, params: Params, state: State, x: Array) -> 
     """
     top = layer._top_path() or "network"
     actual_params, actual_state = _leaves_by_path(params), _leaves_by_path(state)
-    conventional = max(x.ndim - 1, 0)  # x read as (batch, *example)
+    conventional = max(x.ndim - 1, min(x.ndim, 1))  # x read as (batch, *example), or one vector
     errors = {}
     for ndim in range(x.ndim + 1):
         try:

@@ -90,7 +90,10 @@ class Embedding(Layer):
         return {"table": table}, {}
 
     def _apply(self, params, state, x, ctx):
-        return jnp.take(params["table"], x, axis=0, mode="fill", fill_value=jnp.nan), state
+        # jnp.take wraps negative ids (-1 is the last row) even with mode="fill"; an id is valid
+        # only in 0 .. num_embeddings - 1, so negatives must fill with NaN like the others.
+        table = jnp.asarray(params["table"])
+        return table.at[x].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False), state
 
     def _flops(self, x_shape, y_shape, params):
         return 0
@@ -121,6 +124,9 @@ class Reshape(Layer):
     kind: ClassVar[str] = "reshape"
 
     def __post_init__(self):
+        if not isinstance(self.shape, (tuple, list)):
+            raise TypeError(f"Reshape: shape must be a tuple of sizes such as (28, 28) or (-1,), "
+                            f"got {self.shape!r}")
         object.__setattr__(self, "shape", tuple(self.shape))
         if (any(not isinstance(d, int) or d == 0 or d < -1 for d in self.shape)
                 or self.shape.count(-1) > 1):

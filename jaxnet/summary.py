@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import jax
 
-from jaxnet.core import Layer, as_spec, shape_str
+from jaxnet.core import Layer, as_spec, infer_example_ndim, shape_str
 
 
 class SummaryRow(NamedTuple):
@@ -64,18 +64,24 @@ def summarize(network: Layer, x) -> Summary:
     """
     spec = as_spec(x)
     records: list = []
+    batch_shapes: list = []
 
     def run(key):
         params, state = network.init_with_state(key, spec)
-        network.apply_with_state(params, state, jax.numpy.zeros(spec.shape, spec.dtype),
-                                 _record=records)
+        inputs = jax.numpy.zeros(spec.shape, spec.dtype)
+        network.apply_with_state(params, state, inputs, _record=records)
+        example_ndim = infer_example_ndim(network, params, state, inputs)
+        batch_shapes.append(spec.shape[:spec.ndim - example_ndim])
 
     jax.eval_shape(run, jax.random.key(0))
+    # Layers see the batch axes of x flattened into one (e.g. (batch, time) ids into an Embedding);
+    # rows show outputs with x's own batch axes, as apply returns them.
+    batch_shape = batch_shapes[0]
     rows = []
     for path, layer, x_shape, y, params in records:
         leaves = jax.tree_util.tree_leaves(params)
         rows.append(SummaryRow(
-            path=path, layer=repr(layer), output_shape=tuple(y.shape),
+            path=path, layer=repr(layer), output_shape=batch_shape + tuple(y.shape[1:]),
             parameters=sum(math.prod(leaf.shape) for leaf in leaves),
             bytes=sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in leaves),
             flops=layer._flops(x_shape, tuple(y.shape), params)))

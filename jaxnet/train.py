@@ -1,0 +1,351 @@
+"""Training: a ``TrainState`` pytree, a jitted train step, and ``fit`` with the loop on the device.
+
+``fit`` compiles one program per epoch: a ``lax.scan`` over the epoch's batches with the data
+resident on the device, shuffled there with ``jax.random``, metrics summed there. The last partial
+batch is filled with other (real) examples that carry weight zero, so every batch has one static
+shape and nothing recompiles. Randomness is a pure function of ``(state.key, step)``: epoch ``e``
+is shuffled with ``fold_in(fold_in(key, 0), e)`` and step ``s`` drops out with
+``fold_in(fold_in(key, 1), s)``, so a run restarted from any saved state replays exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnet.core import Layer, Params, State
+from jaxnet.losses import check_labels, softmax_cross_entropy
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training; a pytree.
+
+    Attributes:
+      params: the network's parameters.
+      model_state: the network's state (BatchNorm statistics); ``{}`` when it has none.
+      opt_state: the optimizer's state.
+      step: int32 scalar, the number of batches trained on.
+      key: the run's PRNG key; never advanced (randomness is derived from it and ``step``).
+    """
+
+    params: Params
+    model_state: State
+    opt_state: optax.OptState
+    step: jax.Array
+    key: jax.Array
+
+
+class Sums(NamedTuple):
+    """Metric sums over examples (float32 scalars), accumulated on the device."""
+
+    loss: jax.Array
+    correct: jax.Array
+    count: jax.Array
+
+    @staticmethod
+    def zeros() -> Sums:
+        return Sums(*(jnp.zeros((), jnp.float32) for _ in range(3)))
+
+    def means(self) -> dict[str, float]:
+        count = max(float(self.count), 1.0)
+        return {"loss": float(self.loss) / count, "accuracy": float(self.correct) / count}
+
+
+def init_train_state(net: Layer, optimizer: optax.GradientTransformation, params: Params, *,
+                     model_state: State | None = None, key: jax.Array | None = None) -> TrainState:
+    """A fresh ``TrainState`` at step 0.
+
+    Args:
+      net: the network.
+      optimizer: any optax ``GradientTransformation`` (schedules, ``inject_hyperparams`` included).
+      params: from ``net.init``.
+      model_state: from ``net.init_with_state``; required when the network has state.
+      key: the run's PRNG key (shuffling, dropout); default ``jax.random.key(0)``.
+    """
+    if model_state is None:
+        if net.has_state:
+            raise ValueError("init_train_state: this network keeps state (e.g. BatchNorm): pass "
+                             "model_state from net.init_with_state(key, x)")
+        model_state = {}
+    with jax.numpy_dtype_promotion("standard"):  # see train_batch
+        opt_state = optimizer.init(params)
+    return TrainState(params, model_state, opt_state, jnp.zeros((), jnp.int32),
+                      jax.random.key(0) if key is None else key)
+
+
+def _is_classification(logits: jax.Array, labels: jax.Array) -> bool:
+    return (jnp.issubdtype(labels.dtype, jnp.integer) and logits.ndim == labels.ndim + 1)
+
+
+def batch_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
+               weights: jax.Array | None) -> Sums:
+    """Weighted sums of loss and correct predictions for one batch."""
+    if weights is None:
+        weights = jnp.ones(losses.shape, jnp.float32)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) if _is_classification(
+        logits, labels) else jnp.zeros(losses.shape, jnp.float32)
+    return Sums(jnp.sum(weights * losses.astype(jnp.float32)), jnp.sum(weights * correct),
+                jnp.sum(weights))
+
+
+def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn,
+                state: TrainState, x: jax.Array, y: jax.Array,
+                weights: jax.Array | None = None) -> tuple[TrainState, Sums]:
+    """One optimizer step on one batch (traceable; not jitted by itself).
+
+    Args:
+      x: ``(batch, *example)``; y: ``(batch, ...)`` targets.
+      weights: optional ``(batch,)`` float32 example weights (0 for padding); the loss is the
+        weighted mean.
+    """
+    step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step) if net.needs_key else None
+
+    def objective(params):
+        logits, model_state = net.apply_with_state(params, state.model_state, x, key=step_key,
+                                                   train=True)
+        losses = loss(logits, y)
+        if weights is None:
+            mean = jnp.mean(losses)
+        else:
+            mean = jnp.sum(weights * losses) / jnp.maximum(jnp.sum(weights), 1.0)
+        return mean, (model_state, logits, losses)
+
+    grads, (model_state, logits, losses) = jax.grad(objective, has_aux=True)(state.params)
+    # optax mixes Python floats and int32 step counts; keep it working for users who trace
+    # their own code with jax_numpy_dtype_promotion="strict".
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(params, model_state, opt_state, state.step + 1, state.key)
+    return new_state, batch_sums(logits, y, losses, weights)
+
+
+def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
+                    loss: LossFn = softmax_cross_entropy):
+    """A jitted ``step(state, x, y) -> (state, metrics)`` that donates ``state``'s buffers.
+
+    ``metrics`` is ``{"loss": mean loss, "accuracy": fraction correct}`` (float32 scalars on the
+    device; reading them synchronises, so read them rarely).
+    """
+    def step(state, x, y):
+        state, sums = train_batch(net, optimizer, loss, state, x, y)
+        return state, {"loss": sums.loss / sums.count, "accuracy": sums.correct / sums.count}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def _padded_batches(n: int, batch_size: int) -> tuple[int, np.ndarray | None]:
+    """Number of batches and, when the last one is partial, the ``(batches, batch_size)`` weights."""
+    num_batches = max(math.ceil(n / batch_size), 1)
+    if n % batch_size == 0:
+        return num_batches, None
+    return num_batches, (np.arange(num_batches * batch_size) < n).astype(np.float32).reshape(
+        num_batches, batch_size)
+
+
+def _batch_indices(order, num_batches: int, batch_size: int, numpy=jnp):
+    """``order`` cut into ``(num_batches, batch_size)``, the last batch topped up from the start."""
+    return numpy.resize(order, (num_batches * batch_size,)).reshape(num_batches, batch_size)
+
+
+def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn, n: int,
+               batch_size: int, progress: Callable | None = None, progress_every: int = 0):
+    """A function ``epoch(state, x, y, epoch_index) -> (state, Sums)`` training one shuffled epoch.
+
+    It is meant to be jitted whole (``fit`` does so, donating ``state``). When ``progress`` is
+    given, it is called on the host every ``progress_every`` steps with
+    ``(step_in_epoch, Sums so far)`` through ``jax.debug.callback``.
+    """
+    num_batches, weights = _padded_batches(n, batch_size)
+
+    def epoch(state, x, y, epoch_index):
+        shuffle_key = jax.random.fold_in(jax.random.fold_in(state.key, 0), epoch_index)
+        order = _batch_indices(jax.random.permutation(shuffle_key, n), num_batches, batch_size)
+        # One gather of the whole epoch, then contiguous batches: on XLA:CPU this is ~3x faster
+        # for small networks than gathering each batch inside the loop.
+        xs = jnp.take(x, order, axis=0, mode="clip")  # (num_batches, batch_size, *example)
+        ys = jnp.take(y, order, axis=0, mode="clip")
+
+        def body(carry, inputs):
+            state, sums = carry
+            i, xb, yb, batch_weights = inputs
+            state, batch = train_batch(net, optimizer, loss, state, xb, yb, batch_weights)
+            sums = Sums(*(a + b for a, b in zip(sums, batch)))
+            if progress is not None:
+                jax.lax.cond((i + 1) % progress_every == 0,
+                             lambda: jax.debug.callback(progress, i + 1, sums), lambda: None)
+            return (state, sums), None
+
+        steps = jnp.arange(num_batches, dtype=jnp.int32)
+        inputs = (steps, xs, ys, None if weights is None else jnp.asarray(weights))
+        (state, sums), _ = jax.lax.scan(body, (state, Sums.zeros()), inputs)
+        return state, sums
+
+    return epoch, num_batches
+
+
+def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int):
+    """A function ``evaluate(params, model_state, x, y) -> Sums`` over all ``n`` examples in fixed batches."""
+    num_batches, weights = _padded_batches(n, batch_size)
+    indices = _batch_indices(np.arange(n), num_batches, batch_size, numpy=np)
+
+    def evaluate(params, model_state, x, y):
+        def body(sums, inputs):
+            batch_indices, batch_weights = inputs
+            xb, yb = jnp.take(x, batch_indices, axis=0), jnp.take(y, batch_indices, axis=0)
+            logits, _ = net.apply_with_state(params, model_state, xb)
+            batch = batch_sums(logits, yb, loss(logits, yb), batch_weights)
+            return Sums(*(a + b for a, b in zip(sums, batch))), None
+
+        xs = (indices, None if weights is None else jnp.asarray(weights))
+        return jax.lax.scan(body, Sums.zeros(), xs)[0]
+
+    return evaluate
+
+
+def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: State | None = None,
+             loss: LossFn = softmax_cross_entropy, batch_size: int = 1024) -> dict[str, float]:
+    """Mean loss and accuracy of ``net`` on ``data = (x, y)``, in evaluation mode.
+
+    Args:
+      data: ``x: (n, *example)``, ``y: (n,)`` integer labels (or targets for other losses).
+      batch_size: examples per compiled batch; the last batch is padded and masked.
+
+    Returns:
+      ``{"loss": float, "accuracy": float}``.
+    """
+    x, y = map(jnp.asarray, data)
+    _check_data(net, params, x, y, "data")
+    if model_state is None:
+        if net.has_state:
+            raise ValueError("evaluate: this network keeps state (e.g. BatchNorm statistics); pass "
+                             "the trained model_state (TrainState.model_state)")
+        model_state = {}
+    fn = jax.jit(make_evaluate(net, loss, x.shape[0], min(batch_size, x.shape[0])))
+    return fn(params, model_state, x, y).means()
+
+
+def _check_data(net: Layer, params: Params, x, y, what: str) -> None:
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{what}: x has {x.shape[0]} examples but y has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what}: no examples")
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        out = jax.eval_shape(lambda p, v: net.apply_with_state(p, _zero_state(net, p, v), v)[0],
+                             params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        if out.ndim == 2:
+            check_labels(np.asarray(y), out.shape[-1], f"{what} labels")
+
+
+def _zero_state(net: Layer, params: Params, x) -> State:
+    """A state tree of the right shapes, for shape checks only."""
+    if not net.has_state:
+        return {}
+    return net.init_with_state(jax.random.key(0), jax.ShapeDtypeStruct(x.shape, x.dtype))[1]
+
+
+def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransformation,
+        train_data: tuple[Any, Any], *, epochs: int, batch_size: int = 128,
+        loss: LossFn = softmax_cross_entropy, eval_data: tuple[Any, Any] | None = None,
+        model_state: State | None = None, key: jax.Array | None = None,
+        eval_batch_size: int = 1024, progress: bool | None = None, progress_every: int | None = None,
+        on_epoch: Callable[[dict, TrainState], None] | None = None) -> tuple[TrainState, list[dict]]:
+    """Trains ``net`` with each epoch compiled into one program that runs on the device.
+
+    Args:
+      net: the network; its output is fed to ``loss``.
+      params: from ``net.init``, or a ``TrainState`` to continue from (then ``epochs`` is the
+        total number of epochs, counting those already done).
+      optimizer: any optax ``GradientTransformation``.
+      train_data: ``(x, y)``: ``x (n, *example)``, ``y (n,)`` integer labels (or targets).
+        Moved to the device once.
+      epochs: number of epochs (passes over ``train_data``).
+      batch_size: examples per step (capped at ``n``); the last partial batch is masked.
+      loss: per-example loss ``(logits, y) -> (batch,)``.
+      eval_data: optional held-out ``(x, y)``, evaluated after every epoch.
+      model_state: the network's initial state; derived from ``init_with_state`` when omitted.
+      key: PRNG key for shuffling and dropout; default ``jax.random.key(0)``.
+      eval_batch_size: examples per compiled evaluation batch.
+      progress: show a progress bar (default: when stderr is a terminal).
+      progress_every: steps between progress updates from the device (default: ~50 per epoch).
+      on_epoch: called as ``on_epoch(record, state)`` after each epoch, before the next starts.
+
+    Returns:
+      ``(state, history)``: the final ``TrainState`` and one dict per epoch with ``epoch,
+      train_loss, train_accuracy, [test_loss, test_accuracy,] seconds, examples_per_second``;
+      the first also has ``compile_seconds``.
+
+    Raises:
+      FloatingPointError: the training loss became NaN or infinite (names the epoch).
+    """
+    from jaxnet.progress import make_progress
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"fit: epochs must be a positive integer, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"fit: batch_size must be a positive integer, got {batch_size!r}")
+    x, y = map(jnp.asarray, train_data)
+    n = x.shape[0]
+    if isinstance(params, TrainState):
+        state = params
+    else:
+        _check_data(net, params, x, y, "train_data")
+        if model_state is None and net.has_state:
+            model_state = net.init_with_state(jax.random.key(0), x[:1])[1]
+        state = init_train_state(net, optimizer, params, model_state=model_state, key=key)
+    state = jax.tree.map(jnp.copy, state)  # the epochs donate it; the caller's arrays stay valid
+    batch_size = min(batch_size, n)
+    steps_per_epoch = max(math.ceil(n / batch_size), 1)
+    progress_every = progress_every or max(steps_per_epoch // 50, 1)
+    reporter = make_progress(progress, epochs, steps_per_epoch)
+    epoch_fn, _ = make_epoch(net, optimizer, loss, n, batch_size,
+                             reporter.update if reporter.active else None, progress_every)
+
+    start = time.perf_counter()
+    run_epoch = jax.jit(epoch_fn, donate_argnums=0).lower(state, x, y, jnp.int32(0)).compile()
+    if eval_data is not None:
+        x_eval, y_eval = map(jnp.asarray, eval_data)
+        _check_data(net, state.params, x_eval, y_eval, "eval_data")
+        run_eval = jax.jit(make_evaluate(net, loss, x_eval.shape[0],
+                                         min(eval_batch_size, x_eval.shape[0]))).lower(
+            state.params, state.model_state, x_eval, y_eval).compile()
+    compile_seconds = time.perf_counter() - start
+
+    done, rest = divmod(int(state.step), steps_per_epoch)
+    if rest:
+        raise ValueError(f"fit: the state is at step {int(state.step)}, inside epoch {done + 1} "
+                         f"({steps_per_epoch} steps per epoch); continue from an epoch boundary")
+    history = []
+    with reporter:
+        for epoch in range(done, epochs):
+            reporter.start_epoch(epoch + 1)
+            start = time.perf_counter()
+            state, sums = run_epoch(state, x, y, jnp.int32(epoch))
+            train = sums.means()  # waits for the epoch to finish
+            train_seconds = time.perf_counter() - start
+            if not math.isfinite(train["loss"]):
+                raise FloatingPointError(f"fit: the training loss became {train['loss']} in epoch "
+                                         f"{epoch + 1} (steps {epoch * steps_per_epoch + 1}-"
+                                         f"{(epoch + 1) * steps_per_epoch}); lower the learning rate?")
+            record = {"epoch": epoch + 1, "train_loss": train["loss"],
+                      "train_accuracy": train["accuracy"]}
+            if eval_data is not None:
+                test = run_eval(state.params, state.model_state, x_eval, y_eval).means()
+                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            record.update(seconds=time.perf_counter() - start,
+                          examples_per_second=n / train_seconds)
+            if not history:
+                record["compile_seconds"] = compile_seconds
+            history.append(record)
+            reporter.end_epoch(record)
+            if on_epoch is not None:
+                on_epoch(record, state)
+    return state, history

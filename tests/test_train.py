@@ -1,0 +1,214 @@
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnet as jn
+from jaxnet import train
+from jaxnet.losses import softmax_cross_entropy
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compilations inside the block."""
+    count = [0]
+
+    def listener(name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def blobs(rng, n=200, classes=3, features=5):
+    """Linearly separable-ish clusters: a known problem an MLP must learn."""
+    centers = rng.normal(size=(classes, features)) * 3
+    labels = rng.integers(0, classes, size=n)
+    x = centers[labels] + rng.normal(size=(n, features))
+    return x.astype(np.float32), labels.astype(np.int32)
+
+
+def small_mlp(classes=3):
+    return jn.serial(jn.Dense(16), jn.relu, jn.Dense(classes))
+
+
+def test_loss_falls_and_accuracy_rises_on_a_known_problem(key, rng):
+    x, y = blobs(rng)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    state, history = train.fit(net, params, optax.adam(1e-2), (x, y), epochs=5, batch_size=32,
+                               eval_data=(x, y), progress=False)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 2
+    assert history[-1]["test_accuracy"] > 0.9
+    assert jax.tree.structure(state.params) == jax.tree.structure(params)
+    assert int(state.step) == 5 * 7
+    assert set(history[0]) >= {"epoch", "train_loss", "train_accuracy", "test_loss",
+                               "test_accuracy", "seconds", "examples_per_second",
+                               "compile_seconds"}
+
+
+def test_no_recompilation_after_the_first_epoch(key, rng):
+    x, y = blobs(rng, n=100)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    counts = {}
+    train.fit(net, params, optax.sgd(0.1), (x, y), epochs=1, batch_size=32, eval_data=(x, y),
+              progress=False)  # warm up: the first run in a process compiles small helpers too
+    for epochs in (1, 4):
+        with count_compiles() as compiles:
+            train.fit(net, params, optax.sgd(0.1), (x, y), epochs=epochs, batch_size=32,
+                      eval_data=(x, y), progress=False)
+        counts[epochs] = compiles[0]
+    assert counts[1] == counts[4] == 2  # one epoch program, one evaluation program
+
+
+def test_fit_matches_a_hand_written_loop_with_a_masked_last_batch(key, rng):
+    """10 examples in batches of 4: the last batch has 2 real examples, weighted as a mean of 2."""
+    x, y = blobs(rng, n=10)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    run_key = jax.random.key(7)
+    state, _ = train.fit(net, params, optax.sgd(0.5), (x, y), epochs=1, batch_size=4,
+                         key=run_key, progress=False)
+
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.fold_in(run_key, 0), 0), 10))
+    expected = params
+    for batch in (order[0:4], order[4:8], order[8:10]):
+        def loss(p):
+            h = jax.nn.relu(x[batch] @ p["dense_1"]["w"] + p["dense_1"]["b"][None])
+            logits = h @ p["dense_2"]["w"] + p["dense_2"]["b"][None]
+            return softmax_cross_entropy(logits, y[batch]).mean()
+        grads = jax.grad(loss)(expected)
+        expected = jax.tree.map(lambda p, g: p - 0.5 * g, expected, grads)
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_run_other_seed_other_run(key, rng):
+    x, y = blobs(rng, n=64)
+    net = jn.serial(jn.Dense(16), jn.relu, jn.Dropout(0.3), jn.Dense(3))
+    params = net.init(key, x[:1])
+
+    def run(seed):
+        state, history = train.fit(net, params, optax.adam(1e-2), (x, y), epochs=2, batch_size=16,
+                                   key=jax.random.key(seed), progress=False)
+        return state, [{k: v for k, v in r.items() if "second" not in k} for r in history]
+
+    (a, ha), (b, hb), (c, hc) = run(1), run(1), run(2)
+    assert ha == hb
+    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(u, v)
+    assert ha != hc
+
+
+def test_continuing_from_a_state_equals_one_uninterrupted_run(key, rng):
+    x, y = blobs(rng, n=50)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    full, _ = train.fit(net, params, optax.adam(1e-2), (x, y), epochs=3, batch_size=16, progress=False)
+    first, _ = train.fit(net, params, optax.adam(1e-2), (x, y), epochs=1, batch_size=16, progress=False)
+    resumed, history = train.fit(net, first, optax.adam(1e-2), (x, y), epochs=3, batch_size=16,
+                                 progress=False)
+    assert [r["epoch"] for r in history] == [2, 3]
+    for u, v in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        if not jnp.issubdtype(u.dtype, jax.dtypes.prng_key):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_batch_norm_state_is_trained_and_kept(key, rng):
+    x, y = blobs(rng, n=64)
+    net = jn.serial(jn.Dense(8), jn.BatchNorm(), jn.relu, jn.Dense(3))
+    params, model_state = net.init_with_state(key, x[:1])
+    state, history = train.fit(net, params, optax.adam(1e-2), (x, y), epochs=3, batch_size=16,
+                               eval_data=(x, y), progress=False)
+    assert jax.tree.structure(state.model_state) == jax.tree.structure(model_state)
+    assert not np.allclose(state.model_state["batch_norm_1"]["mean"], 0)
+    assert history[-1]["test_accuracy"] > 0.8
+
+
+def test_schedules_and_inject_hyperparams_work(key, rng):
+    x, y = blobs(rng, n=64)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    optimizer = optax.inject_hyperparams(optax.adam)(
+        learning_rate=optax.cosine_decay_schedule(1e-2, 20))
+    state, history = train.fit(net, params, optimizer, (x, y), epochs=3, batch_size=16, progress=False)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert float(state.opt_state.hyperparams["learning_rate"]) < 1e-2
+
+
+def test_train_step_donates_the_state(key, rng):
+    x, y = blobs(rng, n=32)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    state = train.init_train_state(net, optax.adam(1e-3), params)
+    step = train.make_train_step(net, optax.adam(1e-3))
+    new_state, metrics = step(state, x, y)
+    assert state.params["dense_1"]["w"].is_deleted()
+    assert int(new_state.step) == 1 and 0 <= float(metrics["accuracy"]) <= 1
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+def test_progress_reaches_the_host_from_the_device_loop(key, rng):
+    x, y = blobs(rng, n=40)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    state = train.init_train_state(net, optax.sgd(0.1), params)
+    seen = []
+    epoch, steps = train.make_epoch(net, optax.sgd(0.1), softmax_cross_entropy, 40, 8,
+                                    lambda step, sums: seen.append((int(step), float(sums.count))), 2)
+    jax.block_until_ready(jax.jit(epoch)(state, x, y, jnp.int32(0)))
+    jax.effects_barrier()
+    assert steps == 5 and seen == [(2, 16.0), (4, 32.0)]
+
+
+def test_fit_shows_a_progress_bar(key, rng, capsys):
+    x, y = blobs(rng, n=40)
+    net = small_mlp()
+    train.fit(net, net.init(key, x[:1]), optax.sgd(0.1), (x, y), epochs=2, batch_size=8,
+              progress=True, progress_every=1)
+    assert "epoch 2/2" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_epoch_named(key, rng):
+    x, y = blobs(rng, n=32)
+    x[0, 0] = np.nan
+    net = small_mlp()
+    with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 1 \(steps 1-2\)"):
+        train.fit(net, net.init(key, x[1:2]), optax.sgd(0.1), (x, y), epochs=2, batch_size=16,
+                  progress=False)
+
+
+def test_bad_labels_and_arguments_are_reported(key, rng):
+    x, y = blobs(rng, n=32)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    y_bad = y.copy()
+    y_bad[5] = 3
+    with pytest.raises(ValueError, match=r"train_data labels must be in \[0, 3\).*found 3 at index 5"):
+        train.fit(net, params, optax.sgd(0.1), (x, y_bad), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="x has 32 examples but y has 31"):
+        train.fit(net, params, optax.sgd(0.1), (x, y[:31]), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
+        train.fit(net, params, optax.sgd(0.1), (x, y), epochs=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got -1"):
+        train.fit(net, params, optax.sgd(0.1), (x, y), epochs=1, batch_size=-1)
+    with pytest.raises(ValueError, match=r"dense_1.w has shape \(5, 16\), expected \(4, 16\)"):
+        train.fit(net, params, optax.sgd(0.1), (x[:, :4], y), epochs=1, progress=False)
+
+
+def test_evaluate_matches_a_direct_computation(key, rng):
+    x, y = blobs(rng, n=37)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    got = train.evaluate(net, params, (x, y), batch_size=8)
+    logits = net.apply(params, x)
+    np.testing.assert_allclose(got["loss"], softmax_cross_entropy(logits, jnp.asarray(y)).mean(), rtol=1e-5)
+    np.testing.assert_allclose(got["accuracy"], float((logits.argmax(-1) == y).mean()), rtol=1e-6)
