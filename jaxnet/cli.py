@@ -1,4 +1,4 @@
-"""The ``jaxnet`` command: ``train``, ``eval``, ``summary``.
+"""The ``jaxnet`` command: ``train``, ``eval``, ``summary``, ``bench``.
 
 Bad arguments or data give one line on stderr and exit status 2, never a traceback.
 """
@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     summary = commands.add_parser("summary", help="the model table (of a run, or from options)")
     summary.add_argument("run_dir", type=Path, nargs="?")
     _add_model_options(summary, defaults)
+
+    bench = commands.add_parser("bench", help="jaxnet against hand-written raw JAX, side by side")
+    bench.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    bench.add_argument("--quick", action="store_true", help="fewer rounds and steps (~1 minute)")
     return parser
 
 
@@ -148,7 +152,19 @@ def cmd_summary(args, console: Console) -> None:
     console.print(str(summarize(net, (1,) + example_shape)), highlight=False)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary}
+def cmd_bench(args, console: Console) -> None:
+    from jaxnet.bench import format_table, run_benchmarks, write_json
+
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist")
+    results = run_benchmarks(quick=args.quick, log=lambda line: console.print(line, highlight=False))
+    console.print(format_table(results), highlight=False)
+    if args.json is not None:
+        write_json(results, args.json)
+        console.print(f"results: {args.json}")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
