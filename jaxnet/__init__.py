@@ -13,6 +13,7 @@ from jaxnet.conv import AvgPool, Conv, Conv1D, Conv2D, MaxPool
 from jaxnet.core import Context, Layer, ShapeError
 from jaxnet.layers import Dense, Dropout, Embedding, Flatten, Reshape
 from jaxnet.norm import BatchNorm, LayerNorm
+from jaxnet.stax import from_stax, to_stax
 from jaxnet.summary import Summary, summarize
 
 __version__ = "0.1.0"
@@ -22,5 +23,5 @@ __all__ = [
     "Embedding", "Flatten", "Layer", "LayerNorm", "MaxPool", "Named", "Parallel", "Reshape",
     "Residual", "Serial", "ShapeError", "Summary", "elu", "gelu", "leaky_relu", "log_softmax",
     "named", "parallel", "relu", "residual", "serial", "sigmoid", "silu", "softmax", "softplus",
-    "summarize", "tanh",
+    "summarize", "tanh", "from_stax", "to_stax",
 ]

@@ -77,6 +77,9 @@ class Serial(Layer):
     layers: tuple[Layer, ...]
     kind: ClassVar[str] = "serial"
 
+    def __post_init__(self):
+        _child_names(self.layers)  # duplicate names fail when the network is built
+
     def children(self):
         return tuple(zip(_child_names(self.layers), self.layers))
 
@@ -110,6 +113,7 @@ class Parallel(Layer):
             raise ValueError(f"parallel: fan_in must be 'concat' or 'sum', got {self.fan_in!r}")
         if not self.branches:
             raise ValueError("parallel: needs at least one branch")
+        _child_names(self.branches)
 
     def children(self):
         return tuple(zip(_child_names(self.branches), self.branches))

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxnet.core import Layer, broadcast_trailing, ShapeError, require_example_ndim, require_floating, shape_str
@@ -22,7 +23,7 @@ Padding = str | tuple[tuple[int, int], ...]
 
 
 def _as_tuple(layer: str, name: str, value, ndim: int) -> tuple[int, ...]:
-    values = (value,) * ndim if isinstance(value, int) else tuple(value)
+    values = (value,) * ndim if isinstance(value, (int, np.integer)) else tuple(value)
     if len(values) != ndim:
         raise ValueError(f"{layer}: {name} needs {ndim} entries (one per spatial axis), got {value!r}")
     for v in values:
@@ -36,7 +37,7 @@ def _as_padding(layer: str, padding, ndim: int) -> Padding:
             raise ValueError(f"{layer}: unknown padding {padding!r}; use 'SAME', 'VALID', an int "
                              "or one (low, high) pair per spatial axis")
         return padding.upper()
-    if isinstance(padding, int):
+    if isinstance(padding, (int, np.integer)):
         padding = ((padding, padding),) * ndim
     try:
         pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
@@ -93,7 +94,7 @@ class Conv(Layer):
     kind: ClassVar[str] = "conv"
 
     def __post_init__(self):
-        if isinstance(self.kernel_size, int):
+        if isinstance(self.kernel_size, (int, np.integer)):
             raise ValueError(f"Conv: kernel_size needs one size per spatial axis, e.g. (3, 3), got "
                              f"{self.kernel_size!r}; Conv1D and Conv2D also take an int")
         name = f"Conv{len(self.kernel_size)}D"
@@ -166,7 +167,7 @@ class _Pool(Layer):
     def __post_init__(self):
         name = type(self).__name__
         window = _as_tuple(name, "window_shape", self.window_shape,
-                           1 if isinstance(self.window_shape, int) else len(tuple(self.window_shape)))
+                           1 if isinstance(self.window_shape, (int, np.integer)) else len(tuple(self.window_shape)))
         object.__setattr__(self, "window_shape", window)
         object.__setattr__(self, "strides", window if self.strides is None
                            else _as_tuple(name, "strides", self.strides, len(window)))
@@ -174,6 +175,10 @@ class _Pool(Layer):
 
     def _init(self, key, x, path):
         ndim = len(self.window_shape)
+        if not isinstance(self.padding, str) and any(
+                lo >= w or hi >= w for (lo, hi), w in zip(self.padding, self.window_shape)):
+            raise ShapeError(f"{path}: padding {self.padding} is as wide as the window "
+                             f"{shape_str(self.window_shape)}: some windows would hold only padding")
         # MaxPool pads with -inf, which has no integer value; AvgPool would silently change dtype.
         require_floating(x, path)
         require_example_ndim(x, ndim + 1, path, _layout(ndim))

@@ -279,7 +279,8 @@ def _expected_trees(layer: Layer, shape: tuple[int, ...], dtype) -> tuple[Any, A
 
 def _leaves_by_path(tree) -> dict[str, Any]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): leaf
+            for path, leaf in leaves}
 
 
 def _structure_problems(what: str, expected: dict, actual: dict) -> list[str]:

@@ -8,13 +8,14 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnet.core import (Layer, broadcast_trailing, ShapeError, param_dtype, require_floating, shape_str)
 from jaxnet.initializers import check_weight_init, init_weight_and_bias
 
 
 def check_positive(layer: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{layer}: {name} must be a positive integer, got {value!r}")
 
 

@@ -1,4 +1,9 @@
-"""Params trees to and from safetensors files, with readable keys (``dense_1.w``); no pickle."""
+"""Params trees to and from safetensors files, with readable keys (``dense_1.w``); no pickle.
+
+Also the durable-write primitives the run directory and checkpoints share: a file is written to a
+temporary name, fsynced, renamed into place, and its directory fsynced, so that after a crash (or
+a full disk) a reader sees either the old file or the complete new one, never a part.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,44 @@ import numpy as np
 import safetensors.numpy
 
 
+def _key_name(entry) -> str:
+    """One step of a ``jax.tree_util`` key path as text: a dict key, attribute name or index."""
+    match entry:
+        case jax.tree_util.DictKey(key=name) | jax.tree_util.FlattenedIndexKey(key=name):
+            return str(name)
+        case jax.tree_util.GetAttrKey(name=name):
+            return name
+        case jax.tree_util.SequenceKey(idx=index):
+            return str(index)
+    raise TypeError(f"unsupported pytree key {entry!r}")
+
+
+def named_leaves(tree) -> list[tuple[str, object]]:
+    """The leaves of ``tree`` in flattening order, each with a readable dotted name.
+
+    Dict keys, NamedTuple fields and sequence indices are joined with ``.``: a ``TrainState``
+    gives ``params.dense_1.w``, ``opt_state.0.mu.dense_1.w``, ``step``, ``key``.
+
+    Raises:
+      ValueError: two leaves get the same name (a dict key containing ``.``).
+    """
+    named = [(".".join(map(_key_name, path)), leaf)
+             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    names = [name for name, _ in named]
+    if len(set(names)) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"tree leaves {duplicates} have the same dotted name; rename dict keys "
+                         "that contain '.'")
+    return named
+
+
 def flatten_tree(tree) -> dict[str, np.ndarray]:
     """``{"dense_1": {"w": a}}`` as ``{"dense_1.w": a}`` (host NumPy arrays)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in leaves}
+    return {name: np.asarray(leaf) for name, leaf in named_leaves(tree)}
 
 
 def unflatten_tree(flat: dict[str, np.ndarray]) -> dict:
-    """The inverse of :func:`flatten_tree`."""
+    """The inverse of :func:`flatten_tree` for trees of nested dicts."""
     tree: dict = {}
     for name, value in flat.items():
         *parents, leaf = name.split(".")
@@ -29,8 +64,22 @@ def unflatten_tree(flat: dict[str, np.ndarray]) -> dict:
     return tree
 
 
+def fsync_directory(path: Path) -> None:
+    """Makes the entries of directory ``path`` (a rename, a new or deleted file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file, fsync and rename: all or nothing."""
+    """Writes ``data`` to ``path`` durably, all or nothing.
+
+    The bytes go to a temporary file in the same directory, which is fsynced, renamed over
+    ``path``, and then the directory is fsynced. On any error (a full disk) the temporary file is
+    removed and an existing ``path`` is untouched.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -42,6 +91,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+    fsync_directory(path.parent)
 
 
 def save_params(path, params) -> None:

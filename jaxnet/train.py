@@ -49,10 +49,15 @@ class Sums(NamedTuple):
     loss: jax.Array
     correct: jax.Array
     count: jax.Array
+    skipped: jax.Array | None = None  # batches skipped for a non-finite loss (on_nan="skip" only)
 
     @staticmethod
-    def zeros() -> Sums:
-        return Sums(*(jnp.zeros((), jnp.float32) for _ in range(3)))
+    def zeros(count_skipped: bool = False) -> Sums:
+        zero = lambda: jnp.zeros((), jnp.float32)
+        return Sums(zero(), zero(), zero(), zero() if count_skipped else None)
+
+    def __add__(self, other: Sums) -> Sums:  # None fields stay None: no work when not counted
+        return jax.tree.map(jnp.add, self, other)
 
     def means(self) -> dict[str, float]:
         count = max(float(self.count), 1.0)
@@ -96,15 +101,22 @@ def batch_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
                 jnp.sum(weights))
 
 
+ON_NAN = ("stop", "skip")
+
+
 def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn,
                 state: TrainState, x: jax.Array, y: jax.Array,
-                weights: jax.Array | None = None) -> tuple[TrainState, Sums]:
+                weights: jax.Array | None = None, on_nan: str = "stop") -> tuple[TrainState, Sums]:
     """One optimizer step on one batch (traceable; not jitted by itself).
 
     Args:
       x: ``(batch, *example)``; y: ``(batch, ...)`` targets.
       weights: optional ``(batch,)`` float32 example weights (0 for padding); the loss is the
         weighted mean.
+      on_nan: ``"stop"`` updates whatever the loss (``fit`` checks each epoch's loss);
+        ``"skip"`` keeps params, model and optimizer state unchanged when the batch's loss is
+        NaN or infinite (the step still counts), leaves the batch out of the sums and counts
+        it in ``Sums.skipped``. Only ``"skip"`` compiles the check in.
     """
     step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step) if net.needs_key else None
 
@@ -118,14 +130,22 @@ def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossF
             mean = jnp.sum(weights * losses) / jnp.maximum(jnp.sum(weights), 1.0)
         return mean, (model_state, logits, losses)
 
-    grads, (model_state, logits, losses) = jax.grad(objective, has_aux=True)(state.params)
+    (mean, (model_state, logits, losses)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
     # optax mixes Python floats and int32 step counts; keep it working for users who trace
     # their own code with jax_numpy_dtype_promotion="strict".
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(params, model_state, opt_state, state.step + 1, state.key)
-    return new_state, batch_sums(logits, y, losses, weights)
+    sums = batch_sums(logits, y, losses, weights)
+    trained = (params, model_state, opt_state)
+    if on_nan == "skip":
+        finite = jnp.isfinite(mean)
+        trained = jax.tree.map(lambda new, old: jnp.where(finite, new, old), trained,
+                               (state.params, state.model_state, state.opt_state))
+        sums = Sums(*(jnp.where(finite, s, 0.0) for s in sums[:3]),
+                    skipped=1.0 - finite.astype(jnp.float32))
+    return TrainState(*trained, state.step + 1, state.key), sums
 
 
 def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
@@ -157,12 +177,14 @@ def _batch_indices(order, num_batches: int, batch_size: int, numpy=jnp):
 
 
 def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn, n: int,
-               batch_size: int, progress: Callable | None = None, progress_every: int = 0):
+               batch_size: int, progress: Callable | None = None, progress_every: int = 0,
+               on_nan: str = "stop"):
     """A function ``epoch(state, x, y, epoch_index) -> (state, Sums)`` training one shuffled epoch.
 
     It is meant to be jitted whole (``fit`` does so, donating ``state``). When ``progress`` is
     given, it is called on the host every ``progress_every`` steps with
-    ``(step_in_epoch, Sums so far)`` through ``jax.debug.callback``.
+    ``(step_in_epoch, Sums so far)`` through ``jax.debug.callback``. ``on_nan`` is passed to
+    :func:`train_batch`.
     """
     num_batches, weights = _padded_batches(n, batch_size)
 
@@ -177,8 +199,8 @@ def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn
         def body(carry, inputs):
             state, sums = carry
             i, xb, yb, batch_weights = inputs
-            state, batch = train_batch(net, optimizer, loss, state, xb, yb, batch_weights)
-            sums = Sums(*(a + b for a, b in zip(sums, batch)))
+            state, batch = train_batch(net, optimizer, loss, state, xb, yb, batch_weights, on_nan)
+            sums = sums + batch
             if progress is not None:
                 jax.lax.cond((i + 1) % progress_every == 0,
                              lambda: jax.debug.callback(progress, i + 1, sums), lambda: None)
@@ -186,7 +208,7 @@ def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn
 
         steps = jnp.arange(num_batches, dtype=jnp.int32)
         inputs = (steps, xs, ys, None if weights is None else jnp.asarray(weights))
-        (state, sums), _ = jax.lax.scan(body, (state, Sums.zeros()), inputs)
+        (state, sums), _ = jax.lax.scan(body, (state, Sums.zeros(on_nan == "skip")), inputs)
         return state, sums
 
     return epoch, num_batches
@@ -203,7 +225,7 @@ def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int):
             xb, yb = jnp.take(x, batch_indices, axis=0), jnp.take(y, batch_indices, axis=0)
             logits, _ = net.apply_with_state(params, model_state, xb)
             batch = batch_sums(logits, yb, loss(logits, yb), batch_weights)
-            return Sums(*(a + b for a, b in zip(sums, batch))), None
+            return sums + batch, None
 
         xs = (indices, None if weights is None else jnp.asarray(weights))
         return jax.lax.scan(body, Sums.zeros(), xs)[0]
@@ -257,7 +279,8 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         loss: LossFn = softmax_cross_entropy, eval_data: tuple[Any, Any] | None = None,
         model_state: State | None = None, key: jax.Array | None = None,
         eval_batch_size: int = 1024, progress: bool | None = None, progress_every: int | None = None,
-        on_epoch: Callable[[dict, TrainState], None] | None = None) -> tuple[TrainState, list[dict]]:
+        on_epoch: Callable[[dict, TrainState], None] | None = None,
+        on_nan: str = "stop") -> tuple[TrainState, list[dict]]:
     """Trains ``net`` with each epoch compiled into one program that runs on the device.
 
     Args:
@@ -276,15 +299,20 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
       eval_batch_size: examples per compiled evaluation batch.
       progress: show a progress bar (default: when stderr is a terminal).
       progress_every: steps between progress updates from the device (default: ~50 per epoch).
-      on_epoch: called as ``on_epoch(record, state)`` after each epoch, before the next starts.
+      on_epoch: called as ``on_epoch(record, state)`` after each epoch, before the next starts
+        (never for an epoch whose loss is not finite).
+      on_nan: ``"stop"`` (default) raises after an epoch whose training loss is NaN or infinite;
+        ``"skip"`` skips the update of every batch with a non-finite loss inside the compiled
+        step and reports ``skipped_batches`` per epoch (it stops only when a whole epoch is
+        skipped).
 
     Returns:
       ``(state, history)``: the final ``TrainState`` and one dict per epoch with ``epoch,
-      train_loss, train_accuracy, [test_loss, test_accuracy,] seconds, examples_per_second``;
-      the first also has ``compile_seconds``.
+      train_loss, train_accuracy, [test_loss, test_accuracy,] [skipped_batches,] seconds,
+      examples_per_second``; the first also has ``compile_seconds``.
 
     Raises:
-      FloatingPointError: the training loss became NaN or infinite (names the epoch).
+      FloatingPointError: the training loss became NaN or infinite (names the epoch and steps).
     """
     from jaxnet.progress import make_progress
 
@@ -292,12 +320,15 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         raise ValueError(f"fit: epochs must be a positive integer, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"fit: batch_size must be a positive integer, got {batch_size!r}")
+    if on_nan not in ON_NAN:
+        raise ValueError(f"fit: on_nan must be one of {', '.join(ON_NAN)}; got {on_nan!r}")
     x, y = map(jnp.asarray, train_data)
     n = x.shape[0]
+    _check_data(net, params.params if isinstance(params, TrainState) else params, x, y,
+                "train_data")
     if isinstance(params, TrainState):
         state = params
     else:
-        _check_data(net, params, x, y, "train_data")
         if model_state is None and net.has_state:
             model_state = net.init_with_state(jax.random.key(0), x[:1])[1]
         state = init_train_state(net, optimizer, params, model_state=model_state, key=key)
@@ -307,7 +338,7 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
     progress_every = progress_every or max(steps_per_epoch // 50, 1)
     reporter = make_progress(progress, epochs, steps_per_epoch)
     epoch_fn, _ = make_epoch(net, optimizer, loss, n, batch_size,
-                             reporter.update if reporter.active else None, progress_every)
+                             reporter.update if reporter.active else None, progress_every, on_nan)
 
     start = time.perf_counter()
     run_epoch = jax.jit(epoch_fn, donate_argnums=0).lower(state, x, y, jnp.int32(0)).compile()
@@ -331,12 +362,17 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
             state, sums = run_epoch(state, x, y, jnp.int32(epoch))
             train = sums.means()  # waits for the epoch to finish
             train_seconds = time.perf_counter() - start
+            steps = f"steps {epoch * steps_per_epoch + 1}-{(epoch + 1) * steps_per_epoch}"
             if not math.isfinite(train["loss"]):
                 raise FloatingPointError(f"fit: the training loss became {train['loss']} in epoch "
-                                         f"{epoch + 1} (steps {epoch * steps_per_epoch + 1}-"
-                                         f"{(epoch + 1) * steps_per_epoch}); lower the learning rate?")
+                                         f"{epoch + 1} ({steps}); lower the learning rate?")
             record = {"epoch": epoch + 1, "train_loss": train["loss"],
                       "train_accuracy": train["accuracy"]}
+            if on_nan == "skip":
+                record["skipped_batches"] = int(sums.skipped)
+                if record["skipped_batches"] == steps_per_epoch:
+                    raise FloatingPointError(f"fit: the training loss was NaN or infinite in every "
+                                             f"batch of epoch {epoch + 1} ({steps}); all skipped")
             if eval_data is not None:
                 test = run_eval(state.params, state.model_state, x_eval, y_eval).means()
                 record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
