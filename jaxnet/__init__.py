@@ -15,6 +15,8 @@ from jaxnet.layers import Dense, Dropout, Embedding, Flatten, Reshape
 from jaxnet.norm import BatchNorm, LayerNorm
 from jaxnet.stax import from_stax, to_stax
 from jaxnet.summary import Summary, summarize
+from jaxnet.inference import predict
+from jaxnet.train import TrainState, evaluate, fit, init_train_state, make_train_step
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,6 @@ __all__ = [
     "Embedding", "Flatten", "Layer", "LayerNorm", "MaxPool", "Named", "Parallel", "Reshape",
     "Residual", "Serial", "ShapeError", "Summary", "elu", "gelu", "leaky_relu", "log_softmax",
     "named", "parallel", "relu", "residual", "serial", "sigmoid", "silu", "softmax", "softplus",
-    "summarize", "tanh", "from_stax", "to_stax",
+    "summarize", "tanh", "from_stax", "to_stax", "TrainState", "evaluate", "fit",
+    "init_train_state", "make_train_step", "predict",
 ]
