@@ -309,20 +309,25 @@ def _shape_problems(expected: dict, actual: dict) -> list[str]:
 def infer_example_ndim(layer: Layer, params: Params, state: State, x: Array) -> int:
     """The number of trailing axes of ``x`` that form one example.
 
-    It is the smallest rank for which ``init`` accepts the example and would
-    produce trees with exactly the shapes and dtypes of ``params`` and ``state``.
-    Costs nothing at run time: it only compares shapes, cached per input shape.
+    It is the smallest rank that fits: ``init`` accepts the example and would produce exactly
+    the shapes and dtypes of ``params`` and ``state``. That covers one example, a batch, several
+    batch axes and ``vmap``. A network without any parameters or state has nothing to infer
+    from and reads ``x`` as a batch ``(batch, *example)`` when it can. Costs nothing at run
+    time: it only compares shapes, cached per input shape.
 
     Raises:
       ValueError: the trees do not belong to this architecture (lists missing and
-        unexpected entries), or fit no reading of ``x`` (the message is the one for
-        ``x`` read as a batch of examples, naming the layer or mis-shaped entries).
+        unexpected entries), or fit no reading of ``x`` (the message is the one for the
+        conventional reading, naming the layer or the mis-shaped entries).
     """
     top = layer._top_path() or "network"
     actual_params, actual_state = _leaves_by_path(params), _leaves_by_path(state)
     conventional = max(x.ndim - 1, min(x.ndim, 1))  # x read as (batch, *example), or one vector
     errors = {}
-    for ndim in range(x.ndim + 1):
+    ranks = list(range(x.ndim + 1))
+    if not actual_params and not actual_state:
+        ranks = [conventional] + [r for r in ranks if r != conventional]
+    for ndim in ranks:
         try:
             trees = _expected_trees(layer, (1,) + x.shape[x.ndim - ndim:], x.dtype)
         except ShapeError as error:
@@ -340,4 +345,4 @@ def infer_example_ndim(layer: Layer, params: Params, state: State, x: Array) -> 
         errors[ndim] = ShapeError(
             f"{top}: params do not fit an input of shape {shape_str(x.shape)}: "
             + "; ".join(problems) + " (made for another input shape or architecture?)")
-    raise errors.get(conventional, errors[x.ndim])
+    raise errors[conventional]

@@ -380,3 +380,9 @@ def test_summary_rows_and_totals(key, rng):
     assert "total" in text.splitlines()[-1]
     assert f"{summary.parameters:,}" in text.splitlines()[-1]
     assert len(text.splitlines()) == len(summary.rows) + 4  # header, rule, rows, rule, total
+
+
+def test_a_network_without_params_reads_its_input_as_a_batch(rng):
+    x = jnp.asarray(rng.normal(size=(2, 4, 4)), jnp.float32)
+    assert jn.Flatten().apply({}, x).shape == (2, 16)
+    assert jn.serial(jn.Flatten(), jn.relu).apply({}, x).shape == (2, 16)
