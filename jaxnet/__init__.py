@@ -8,6 +8,8 @@
 
 from jaxnet.activations import (Activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid,
                                 silu, softmax, softplus, tanh)
+from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, restore_checkpoint,
+                               restore_params, save_checkpoint)
 from jaxnet.combinators import Named, Parallel, Residual, Serial, named, parallel, residual, serial
 from jaxnet.conv import AvgPool, Conv, Conv1D, Conv2D, MaxPool
 from jaxnet.core import Context, Layer, ShapeError
@@ -26,5 +28,6 @@ __all__ = [
     "Residual", "Serial", "ShapeError", "Summary", "elu", "gelu", "leaky_relu", "log_softmax",
     "named", "parallel", "relu", "residual", "serial", "sigmoid", "silu", "softmax", "softplus",
     "summarize", "tanh", "from_stax", "to_stax", "TrainState", "evaluate", "fit",
-    "init_train_state", "make_train_step", "predict",
+    "init_train_state", "make_train_step", "predict", "CheckpointError", "latest_checkpoint",
+    "restore_checkpoint", "restore_params", "save_checkpoint",
 ]

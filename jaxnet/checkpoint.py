@@ -38,7 +38,7 @@ import optax
 import safetensors
 import safetensors.numpy
 
-from jaxnet.tensorfile import atomic_write, fsync_directory, named_leaves
+from jaxnet.tensorfile import current_umask, atomic_write, fsync_directory, named_leaves
 
 FORMAT = "jaxnet-checkpoint"
 FORMAT_VERSION = 1
@@ -88,8 +88,9 @@ def save_checkpoint(directory, state, *, metadata: dict[str, Any] | None = None,
 
     Raises:
       FileExistsError: a checkpoint of this step already exists.
-      OSError: the disk is full or another write error; no checkpoint is damaged and no partial
-        one is left behind.
+      OSError: the disk is full or another write error (the message names the checkpoint). No
+        checkpoint is damaged and no partial one is left behind; whether the new one exists
+        depends on how far the save got, and if it is listed it is complete.
     """
     directory = Path(directory)
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
@@ -113,9 +114,10 @@ def save_checkpoint(directory, state, *, metadata: dict[str, Any] | None = None,
     directory.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(directory)
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
     try:
         atomic_write(tmp / TENSOR_FILE, tensor_bytes)
-        atomic_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())  # the marker
+        atomic_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())  # the marker
         os.rename(tmp, final)  # the checkpoint appears complete, or not at all
         fsync_directory(directory)
     except OSError as error:
@@ -230,7 +232,7 @@ def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
         report = _compare(stored, described)
         raise CheckpointError(f"{tensor_file}: the tensors disagree with {manifest_file}: "
                               f"{_describe_problems(report, 'the manifest')}")
-    return tensors, manifest
+    return {name: tensors[name] for name in described}, manifest  # in tree order
 
 
 def _read_manifest(manifest_file: Path) -> dict:
@@ -308,8 +310,8 @@ def restore_checkpoint(path, template):
     if report.missing or report.unexpected or report.mismatched:
         raise CheckpointError(f"{path}: does not fit the model: "
                               f"{_describe_problems(report, 'the model')}")
-    leaves = [_to_device(tensors[name], impls[name], path / TENSOR_FILE, name)
-              for name, _ in expected]
+    leaves = [_to_device(tensors[name], impls[name], leaf, path / TENSOR_FILE, name)
+              for name, leaf in expected]
     return jax.tree.unflatten(jax.tree.structure(template), leaves), manifest
 
 
@@ -389,18 +391,24 @@ def _describe_problems(report: RestoreReport, other: str) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _to_device(array: np.ndarray, key_impl: str | None, where: Path, name: str) -> jax.Array:
+def _to_device(array: np.ndarray, key_impl: str | None, template_leaf, where: Path,
+               name: str) -> jax.Array:
+    """A stored array on the device; PRNG key data rewrapped as a key like ``template_leaf``."""
     if not key_impl:
         return jnp.asarray(array)
     try:
-        return jax.random.wrap_key_data(array, impl=key_impl)
+        key = jax.random.wrap_key_data(array, impl=key_impl)
     except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{where}: {name} is not a {key_impl} PRNG key ({error})") from None
+    if key.dtype != template_leaf.dtype:
+        raise CheckpointError(f"{where}: {name} is a PRNG key of type {key.dtype}, the model "
+                              f"expects {template_leaf.dtype}")
+    return key
 
 
 # --- interoperability ---------------------------------------------------------------------------
 
-_TORCH_NAMES = {"w": "weight", "b": "bias", "scale": "weight", "offset": "bias", "table": "weight"}
+_TORCH_NAMES = {"w": "weight", "b": "bias", "scale": "weight", "bias": "bias", "table": "weight"}
 
 
 def export_pytorch(params) -> dict[str, np.ndarray]:
@@ -408,7 +416,7 @@ def export_pytorch(params) -> dict[str, np.ndarray]:
 
     ``Dense`` ``w (in, out)`` becomes ``weight (out, in)`` (``nn.Linear``); a ``Conv`` kernel
     ``(*kernel, in, out)`` (HWIO) becomes ``(out, in, *kernel)`` (OIHW, ``nn.Conv1d/2d/3d``);
-    ``b`` becomes ``bias``; norm ``scale``/``offset`` become ``weight``/``bias``; an embedding
+    ``b`` becomes ``bias``; a norm's ``scale`` becomes ``weight``; an embedding
     ``table`` becomes ``weight``. Layer names are kept (``dense_1.weight``); map them to your
     module's names.
 

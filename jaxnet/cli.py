@@ -36,22 +36,31 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _add_config_option(parser: argparse.ArgumentParser, flag: str, default, help: str = "",
+                       **kwargs) -> None:
+    """A RunConfig option. It parses as None when not given (``_config_from`` fills in the
+    default), so that ``train --resume`` can refuse options it would otherwise ignore."""
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    parser.add_argument(flag, default=None, help=f"{help} (default: {shown})".lstrip(), **kwargs)
+
+
 def _add_model_options(parser: argparse.ArgumentParser, defaults) -> None:
-    parser.add_argument("--dataset", choices=("digits", "fashion-mnist", "mnist", "npz"),
-                        default=defaults.dataset)
+    _add_config_option(parser, "--dataset", defaults.dataset,
+                       choices=("digits", "fashion-mnist", "mnist", "npz"))
     parser.add_argument("--data-dir", help="directory of MNIST-format IDX files")
     parser.add_argument("--data", help="the .npz file for --dataset npz "
                                        "(arrays x_train, y_train, x_test, y_test)")
-    parser.add_argument("--model", choices=("mlp", "cnn"), default=defaults.model)
-    parser.add_argument("--hidden", type=_int_list, default=defaults.hidden,
-                        help="hidden widths of the MLP, e.g. 512,512 (default %(default)s)")
-    parser.add_argument("--activation", choices=("relu", "sigmoid", "tanh", "gelu", "silu", "elu"),
-                        default=defaults.activation)
-    parser.add_argument("--drop-rate", type=float, default=defaults.drop_rate)
+    _add_config_option(parser, "--model", defaults.model, choices=("mlp", "cnn"))
+    _add_config_option(parser, "--hidden", defaults.hidden, "hidden widths of the MLP, e.g. 512,512",
+                       type=_int_list)
+    _add_config_option(parser, "--activation", defaults.activation,
+                       choices=("relu", "sigmoid", "tanh", "gelu", "silu", "elu"))
+    _add_config_option(parser, "--drop-rate", defaults.drop_rate, type=float)
 
 
 def _parser() -> argparse.ArgumentParser:
     from jaxnet.run import OPTIMIZERS, SCHEDULES, RunConfig
+    from jaxnet.train import ON_NAN
 
     defaults = RunConfig()
     parser = _Parser(prog="jaxnet", description="Train and evaluate jaxnet networks.")
@@ -59,16 +68,26 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a network and write a run directory")
     _add_model_options(train, defaults)
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    train.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--no-standardize", dest="standardize", action="store_false",
+    _add_config_option(train, "--epochs", defaults.epochs, type=int)
+    _add_config_option(train, "--batch-size", defaults.batch_size, type=int)
+    _add_config_option(train, "--lr", defaults.lr, type=float)
+    _add_config_option(train, "--optimizer", defaults.optimizer, choices=OPTIMIZERS)
+    _add_config_option(train, "--weight-decay", defaults.weight_decay, type=float)
+    _add_config_option(train, "--schedule", defaults.schedule, choices=SCHEDULES)
+    _add_config_option(train, "--seed", defaults.seed, type=int)
+    train.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                        help="feed raw [0, 1] pixels instead of standardised inputs")
+    _add_config_option(train, "--checkpoint-every", defaults.checkpoint_every,
+                       "save the whole training state every N epochs in OUT/checkpoints; 0: never",
+                       type=int, metavar="N")
+    _add_config_option(train, "--keep-checkpoints", defaults.keep_checkpoints,
+                       "how many of the newest checkpoints to keep", type=int, metavar="K")
+    _add_config_option(train, "--on-nan", defaults.on_nan,
+                       "on a NaN or infinite loss: stop, or skip the batch's update", choices=ON_NAN)
     train.add_argument("--out", type=Path, help="run directory (default runs/DATASET-MODEL-TIME)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue RUN_DIR, killed or stopped, from its latest checkpoint with "
+                            "its own config.json (takes no other training options)")
     train.add_argument("--no-progress", dest="progress", action="store_false")
 
     evaluate = commands.add_parser("eval", help="test metrics and confusion matrix of a run")
@@ -99,20 +118,37 @@ def _new_run_dir(args, config) -> Path:
     return out
 
 
-def cmd_train(args, console: Console) -> None:
-    from jaxnet.run import train
+def _given_options(args) -> list[str]:
+    """The RunConfig options (and --out) given on the command line."""
+    from jaxnet.run import RunConfig
 
-    config = _config_from(args)
-    out = _new_run_dir(args, config)
+    names = [f.name for f in dataclasses.fields(RunConfig) if getattr(args, f.name, None) is not None]
+    return (["--out"] if args.out is not None else []) + [
+        "--no-standardize" if n == "standardize" else "--" + n.replace("_", "-") for n in names]
+
+
+def cmd_train(args, console: Console) -> None:
+    from jaxnet.run import read_config, train
+
+    if args.resume is not None:
+        if given := _given_options(args):
+            raise UsageError(f"--resume continues {args.resume} with its own config.json; it takes "
+                             f"no other training options (got {', '.join(given)})")
+        out, (config, _) = args.resume, read_config(args.resume)
+    else:
+        config = _config_from(args)
+        out = _new_run_dir(args, config)
     start = time.perf_counter()
-    _, history, _, dataset = train(config, out, progress=args.progress)
+    _, history, _, dataset = train(config, out, progress=args.progress,
+                                   resume=args.resume is not None)
     last = history[-1]
     console.print(
         f"[bold]{config.model}[/bold] on [bold]{dataset.name}[/bold]: test accuracy "
         f"[bold green]{last['test_accuracy']:.2%}[/bold green], test loss {last['test_loss']:.4f} "
         f"after {config.epochs} epochs ({time.perf_counter() - start:.1f} s, compile "
         f"{history[0]['compile_seconds']:.1f} s)")
-    console.print(f"results: {out}/ (config.json, metrics.jsonl, params.safetensors, curves.png)")
+    files = "config.json, metrics.jsonl, params.safetensors, curves.png"
+    console.print(f"results: {out}/ ({files}{', checkpoints/' if config.checkpoint_every else ''})")
 
 
 def cmd_eval(args, console: Console) -> None:

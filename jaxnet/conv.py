@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxnet import _conv_ops
 from jaxnet.core import Layer, broadcast_trailing, ShapeError, require_example_ndim, require_floating, shape_str
 from jaxnet.initializers import check_weight_init, init_weight_and_bias
 from jaxnet.layers import check_positive
@@ -77,6 +78,10 @@ class Conv(Layer):
       feature_group_count: groups; must divide both input channels and ``features``.
       use_bias, weight_init: as in :class:`~jaxnet.Dense`.
 
+    In training mode (``train=True``) an ungrouped convolution computes its reverse-mode
+    gradients with canonical convolutions, ~20x faster inside ``lax.scan`` on XLA:CPU and equal in
+    value; forward-mode differentiation then needs ``train=False``.
+
     Shapes:
       x: ``(batch, *spatial, in_channels)`` floating;
       ``w: (*kernel_size, in_channels // groups, features)``, ``b: (features,)``;
@@ -113,9 +118,11 @@ class Conv(Layer):
                              f"feature_group_count ({self.feature_group_count})")
         check_weight_init(name, self.weight_init)
 
-    def _dimension_numbers(self):
-        spatial = "DHW"[3 - len(self.kernel_size):]
-        return (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+    def _pads(self, x) -> _conv_ops.Pads:
+        if not isinstance(self.padding, str):
+            return self.padding
+        dilated = [(k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation)]
+        return tuple(map(tuple, lax.padtype_to_pads(x.shape[1:-1], dilated, self.strides, self.padding)))
 
     def _init(self, key, x, path):
         ndim = len(self.kernel_size)
@@ -133,10 +140,13 @@ class Conv(Layer):
         return init_weight_and_bias(key, self.weight_init, w_shape, fan_in, self.use_bias, x.dtype), {}
 
     def _apply(self, params, state, x, ctx):
-        y = lax.conv_general_dilated(
-            x, params["w"], window_strides=self.strides, padding=self.padding,
-            rhs_dilation=self.dilation, dimension_numbers=self._dimension_numbers(),
-            feature_group_count=self.feature_group_count)
+        if ctx.train and self.feature_group_count == 1:  # canonical gradients: see _conv_ops
+            y = _conv_ops.conv(x, params["w"], self.strides, self._pads(x), self.dilation)
+        else:
+            y = lax.conv_general_dilated(
+                x, params["w"], window_strides=self.strides, padding=self.padding,
+                rhs_dilation=self.dilation, dimension_numbers=_conv_ops.dimension_numbers(len(self.kernel_size)),
+                feature_group_count=self.feature_group_count)
         if self.use_bias:
             y = y + broadcast_trailing(params["b"], y)
         return y, state

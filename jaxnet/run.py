@@ -1,8 +1,12 @@
 """A training run from a config: data, model, optimizer, ``fit``, and the run directory.
 
 A run directory holds ``config.json`` (everything needed to rerun it exactly),
-``metrics.jsonl`` (one JSON object per epoch, written as the run goes), ``params.safetensors``
-(the final parameters) and ``curves.png`` (loss and accuracy by epoch).
+``metrics.jsonl`` (one JSON object per epoch, written as the run goes), ``checkpoints/`` (with
+``checkpoint_every``: the whole training state every so many epochs, see
+:mod:`jaxnet.checkpoint`), ``curves.png`` (loss and accuracy by epoch) and, written last,
+``params.safetensors`` (the final parameters). ``train(config, run_dir, resume=True)``
+continues a killed run from its latest checkpoint and ends with the same parameters, bit for
+bit, as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import optax
 
 from jaxnet import data as datasets
 from jaxnet import models
+from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
+                               restore_checkpoint, save_checkpoint)
 from jaxnet.core import Layer
 from jaxnet.plots import plot_curves
 from jaxnet.tensorfile import atomic_write, load_params, save_params
-from jaxnet.train import TrainState, fit
+from jaxnet.train import ON_NAN, TrainState, fit, init_train_state
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop")
 SCHEDULES = ("constant", "cosine")
@@ -51,6 +57,9 @@ class RunConfig:
     schedule: str = "cosine"
     seed: int = 0
     standardize: bool = True
+    checkpoint_every: int = 0  # epochs between checkpoints in RUN_DIR/checkpoints; 0: none
+    keep_checkpoints: int = 3  # the newest ones kept
+    on_nan: str = "stop"  # or "skip": leave out the updates of batches with a non-finite loss
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))
@@ -64,6 +73,9 @@ class RunConfig:
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr!r}"),
             (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay!r}"),
             (0 <= self.drop_rate < 1, f"drop-rate must be in [0, 1), got {self.drop_rate!r}"),
+            (_is_count(self.checkpoint_every, 0), f"checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}"),
+            (_is_count(self.keep_checkpoints, 1), f"keep-checkpoints must be a positive integer, got {self.keep_checkpoints!r}"),
+            (self.on_nan in ON_NAN, f"on-nan must be one of {', '.join(ON_NAN)}; got {self.on_nan!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -76,6 +88,14 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown config entries {unknown}")
         return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as JSON values (tuples become lists), as stored in files."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _is_count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def load_data(config: RunConfig) -> tuple[datasets.Dataset, dict[str, float]]:
@@ -112,50 +132,145 @@ def build_optimizer(config: RunConfig, steps_per_epoch: int) -> optax.GradientTr
     return make[config.optimizer]()
 
 
-def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None = None
-          ) -> tuple[TrainState, list[dict], Layer, datasets.Dataset]:
+def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None = None, *,
+          resume: bool = False) -> tuple[TrainState, list[dict], Layer, datasets.Dataset]:
     """Trains as ``config`` says; with ``out_dir``, writes the run directory as it goes.
 
+    Args:
+      config: the run's settings.
+      out_dir: the run directory (written as the run goes), or None to write nothing.
+      progress: show a progress bar (default: when stderr is a terminal).
+      resume: continue the run in ``out_dir`` (whose ``config.json`` must hold ``config``) from
+        its latest checkpoint, or from the start when it has none; ``metrics.jsonl`` is cut back
+        to that checkpoint's epoch first. The result is bitwise that of an uninterrupted run.
+
     Returns:
-      ``(state, history, network, dataset)``.
+      ``(state, history, network, dataset)``; ``history`` has every epoch of the run.
+
+    Raises:
+      CheckpointError: (``resume``) the latest checkpoint is damaged or from another run;
+        nothing in ``out_dir`` is changed.
+      FloatingPointError: the loss became NaN or infinite (``on_nan="stop"``); the message names
+        the epoch, its steps, and the last good checkpoint.
     """
+    if resume and out_dir is None:
+        raise ValueError("train: resume=True needs out_dir, the run directory to continue")
+    if resume and (Path(out_dir) / "params.safetensors").exists():
+        raise ValueError(f"{out_dir}: the run is finished (params.safetensors exists); nothing "
+                         "to resume")
     dataset, stats = load_data(config)
     net = build_model(config, dataset.num_classes)
-    key = jax.random.key(config.seed)
-    init_key, run_key = jax.random.split(key)
+    init_key, run_key = jax.random.split(jax.random.key(config.seed))
     params, model_state = net.init_with_state(init_key, dataset.x_train[:1])
     steps_per_epoch = math.ceil(len(dataset.x_train) / min(config.batch_size, len(dataset.x_train)))
     optimizer = build_optimizer(config, steps_per_epoch)
-    on_epoch = None
+    state = init_train_state(net, optimizer, params, model_state=model_state, key=run_key)
+    history, on_epoch = [], None
     if out_dir is not None:
         out_dir = Path(out_dir)
-        write_config(out_dir, config, dataset, stats)
-        metrics_file = out_dir / "metrics.jsonl"
-        metrics_file.write_text("")
-
-        def on_epoch(record, state):
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    state, history = fit(net, params, optimizer, (dataset.x_train, dataset.y_train),
+        if resume:
+            _check_same_data(out_dir, dataset, stats)
+            state, history = _restore_run(out_dir / "checkpoints", state, config)
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_config(out_dir, config, dataset, stats)
+        atomic_write(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+        on_epoch = _run_writer(out_dir, config, history)
+    try:
+        state, new = fit(net, state, optimizer, (dataset.x_train, dataset.y_train),
                          epochs=config.epochs, batch_size=config.batch_size,
-                         eval_data=(dataset.x_test, dataset.y_test), model_state=model_state,
-                         key=run_key, progress=progress, on_epoch=on_epoch)
-    if out_dir is not None:
-        save_params(out_dir / "params.safetensors", state.params)
+                         eval_data=(dataset.x_test, dataset.y_test), progress=progress,
+                         on_epoch=on_epoch, on_nan=config.on_nan)
+    except FloatingPointError as error:
+        if out_dir is None:
+            raise
+        last = latest_checkpoint(out_dir / "checkpoints")
+        kept = (f"the last good checkpoint is {last}" if last is not None else
+                "no checkpoint was written" + ("" if config.checkpoint_every else
+                                                " (checkpoint-every is 0)"))
+        raise FloatingPointError(f"{error}; {kept}") from None
+    if out_dir is None:
+        history = new  # with a run directory, on_epoch has appended them
+    else:
         plot_curves(history, out_dir / "curves.png",
                     f"{config.model} on {config.dataset} ({config.activation})")
+        save_params(out_dir / "params.safetensors", state.params)  # last: the run is finished
     return state, history, net, dataset
+
+
+def _run_writer(out_dir: Path, config: RunConfig, history: list[dict]):
+    """``on_epoch`` for ``fit``: appends to ``history`` and ``metrics.jsonl``, checkpoints."""
+    metrics_file = out_dir / "metrics.jsonl"
+
+    def on_epoch(record, state):
+        history.append(record)
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if config.checkpoint_every and record["epoch"] % config.checkpoint_every == 0:
+            save_checkpoint(out_dir / "checkpoints", state, keep=config.keep_checkpoints,
+                            metadata={"epoch": record["epoch"], "config": config.to_json(),
+                                      "history": history})
+
+    return on_epoch
+
+
+def _restore_run(checkpoints: Path, template: TrainState, config: RunConfig
+                 ) -> tuple[TrainState, list[dict]]:
+    """The state and history of the latest checkpoint; ``(template, [])`` when there is none."""
+    found = list_checkpoints(checkpoints)
+    if not found:
+        return template, []
+    checkpoint = found[-1]
+    try:
+        state, manifest = restore_checkpoint(checkpoint, template)
+    except CheckpointError as error:
+        if len(found) == 1:
+            raise
+        raise CheckpointError(f"{error}; to resume from the previous checkpoint instead, remove "
+                              f"{checkpoint}") from None
+    metadata = manifest["metadata"]
+    if metadata.get("config") != config.to_json():
+        raise CheckpointError(f"{checkpoint}: written by a run with another config than "
+                              f"{checkpoints.parent / 'config.json'}")
+    history = metadata.get("history")
+    if not (isinstance(history, list) and len(history) == metadata.get("epoch")):
+        raise CheckpointError(f"{checkpoint}: the manifest's metadata lacks the run's history")
+    return state, history
+
+
+def read_config(run_dir: Path) -> tuple[RunConfig, dict]:
+    """The ``config.json`` of a run directory: ``(config, the whole record)``."""
+    config_file = Path(run_dir) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing; is {run_dir} a jaxnet run directory?")
+    try:
+        record = json.loads(config_file.read_text())
+        config = RunConfig.from_dict(record["config"])
+        int(record["data"]["num_classes"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_file}: not a valid jaxnet run config ({error})") from None
+    return config, record
+
+
+def _data_record(dataset: datasets.Dataset, stats: dict[str, float]) -> dict[str, Any]:
+    return {"name": dataset.name, "num_classes": dataset.num_classes,
+            "example_shape": list(dataset.x_train.shape[1:]),
+            "train_examples": len(dataset.x_train), "test_examples": len(dataset.x_test), **stats}
+
+
+def _check_same_data(out_dir: Path, dataset: datasets.Dataset, stats: dict[str, float]) -> None:
+    """A resumed run must see the data it started with (as far as config.json records it)."""
+    recorded = read_config(out_dir)[1]["data"]
+    if recorded != _data_record(dataset, stats):
+        raise ValueError(f"{out_dir / 'config.json'}: the data set changed since the run started "
+                         f"(recorded {recorded}, now {_data_record(dataset, stats)})")
 
 
 def write_config(out_dir: Path, config: RunConfig, dataset: datasets.Dataset,
                  stats: dict[str, float]) -> None:
     record = {
-        "config": dataclasses.asdict(config),
-        "data": {"name": dataset.name, "num_classes": dataset.num_classes,
-                 "example_shape": list(dataset.x_train.shape[1:]),
-                 "train_examples": len(dataset.x_train), "test_examples": len(dataset.x_test),
-                 **stats},
+        "config": config.to_json(),
+        "data": _data_record(dataset, stats),
         "versions": {"jaxnet": _version(), "jax": jax.__version__, "optax": optax.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -163,20 +278,15 @@ def write_config(out_dir: Path, config: RunConfig, dataset: datasets.Dataset,
 
 
 def read_run(run_dir: Path) -> tuple[RunConfig, dict, Layer, dict]:
-    """Reads a run directory back: ``(config, config.json record, network, params)``."""
+    """Reads a finished run directory back: ``(config, config.json record, network, params)``."""
     run_dir = Path(run_dir)
-    config_file, params_file = run_dir / "config.json", run_dir / "params.safetensors"
-    for f in (config_file, params_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing; is {run_dir} a finished jaxnet run directory?")
-    try:
-        record = json.loads(config_file.read_text())
-        config = RunConfig.from_dict(record["config"])
-        num_classes = int(record["data"]["num_classes"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{config_file}: not a valid jaxnet run config ({error})") from None
+    params_file = run_dir / "params.safetensors"
+    config, record = read_config(run_dir)
+    if not params_file.is_file():
+        raise FileNotFoundError(f"{params_file}: missing; is {run_dir} a finished jaxnet run "
+                                "directory?")
     params = jax.tree.map(jnp.asarray, load_params(params_file))
-    return config, record, build_model(config, num_classes), params
+    return config, record, build_model(config, int(record["data"]["num_classes"])), params
 
 
 def _version() -> str:

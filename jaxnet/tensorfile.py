@@ -73,6 +73,13 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` durably, all or nothing.
 
@@ -82,6 +89,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results are ordinary files
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

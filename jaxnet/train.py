@@ -6,6 +6,8 @@ batch is filled with other (real) examples that carry weight zero, so every batc
 shape and nothing recompiles. Randomness is a pure function of ``(state.key, step)``: epoch ``e``
 is shuffled with ``fold_in(fold_in(key, 0), e)`` and step ``s`` drops out with
 ``fold_in(fold_in(key, 1), s)``, so a run restarted from any saved state replays exactly.
+A NaN or infinite loss stops training after its epoch, or, with ``on_nan="skip"``, the update
+of each such batch is skipped inside the compiled step.
 """
 
 from __future__ import annotations

@@ -378,3 +378,77 @@ def test_pool_padding_as_wide_as_the_window_is_rejected(pool, key):
 def test_numpy_integer_sizes_are_accepted(key):
     layer = jn.Conv2D(np.int64(3), np.int64(2))
     assert jax.tree.map(jnp.shape, layer.init(key, (1, 5, 5, 1)))["w"] == (2, 2, 1, 3)
+
+
+# ---- the fast CPU formulations equal the straightforward lax ones (values and gradients) -------
+
+from jaxnet import _conv_ops  # noqa: E402
+
+
+@pytest.mark.parametrize("spatial, kernel, strides, dilation, padding", [
+    ((9, 9), (3, 3), (1, 1), (1, 1), "SAME"),
+    ((10, 7), (3, 2), (2, 1), (1, 2), "VALID"),
+    ((11, 8), (3, 3), (2, 3), (2, 1), ((2, 0), (1, 3))),
+    ((12,), (4,), (3,), (1,), "SAME"),
+    ((7, 7), (1, 1), (2, 2), (1, 1), ((3, 3), (0, 0))),
+    ((9,), (3,), (2,), (2,), ((0, 1),)),
+    ((6, 5, 4), (2, 3, 2), (1, 2, 1), (1, 1, 2), "SAME"),
+])
+def test_canonical_conv_gradients_equal_lax(rng, spatial, kernel, strides, dilation, padding):
+    x = jnp.asarray(rng.normal(size=(3, *spatial, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel, 4, 5)), jnp.float32)
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+    pads = tuple(map(tuple, jax.lax.padtype_to_pads(spatial, dilated, strides, padding))) \
+        if isinstance(padding, str) else padding
+    numbers = _conv_ops.dimension_numbers(len(kernel))
+
+    def reference(x, w):
+        return jax.lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation,
+                                            dimension_numbers=numbers)
+
+    fast = lambda x, w: _conv_ops.conv(x, w, strides, pads, dilation)
+    y, pullback = jax.vjp(fast, x, w)
+    y_ref, pullback_ref = jax.vjp(reference, x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    for got, want in zip(pullback(g), pullback_ref(g)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_canonical_conv_gradients_in_float64(rng):
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, 6, 5, 3)))
+        w = jnp.asarray(rng.normal(size=(3, 2, 3, 2)))
+        check_grads(lambda x, w: _conv_ops.conv(x, w, (2, 1), ((1, 1), (0, 1)), (1, 2)), (x, w),
+                    order=2, modes=["rev"])
+
+
+@pytest.mark.parametrize("window", [(2, 2), (3, 1), (2,)])
+def test_block_max_pool_equals_reduce_window(rng, window):
+    spatial = (6, 6)[:len(window)]
+    x = jnp.asarray(rng.normal(size=(2, *spatial, 3)), jnp.float32)
+
+    def reference(x):
+        dims = (1,) + window + (1,)
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
+
+    y, pullback = jax.vjp(lambda x: _conv_ops.max_pool_blocks(x, window), x)
+    y_ref, pullback_ref = jax.vjp(reference, x)
+    np.testing.assert_array_equal(y, y_ref)
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    np.testing.assert_array_equal(pullback(g)[0], pullback_ref(g)[0])  # random inputs: no ties
+
+
+def test_cnn_gradient_step_inside_scan_matches_per_step(key, rng):
+    """Training mode (the canonical-gradient path) inside a scan equals eval mode's lax gradients."""
+    net = jn.serial(jn.Conv2D(4, 3), jn.relu, jn.MaxPool((2, 2)), jn.Flatten(), jn.Dense(3))
+    x = jnp.asarray(rng.normal(size=(3, 4, 8, 8, 1)), jnp.float32)
+    params = net.init(key, x[0, :1])
+    grad = jax.grad(lambda p, xb: jnp.sum(net.apply(p, xb, train=True) ** 2))
+    lax_grad = jax.grad(lambda p, xb: jnp.sum(net.apply(p, xb) ** 2))
+    per_step = [jax.jit(lax_grad)(params, xb) for xb in x]
+    scanned = jax.jit(lambda p, xs: jax.lax.scan(lambda c, xb: (c, grad(p, xb)), 0, xs)[1])(params, x)
+    for i, g in enumerate(per_step):
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(jax.tree.map(lambda t: t[i], scanned))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
