@@ -13,6 +13,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxnet as jn
+from contract import assert_contract, f64, random_params
 
 
 def np_sigmoid(x):
@@ -46,37 +47,6 @@ def away_from_zero(rng, shape, dtype=jnp.float32, scale=1.0):
     return jnp.asarray(scale * np.where(rng.uniform(size=shape) < 0.5, -magnitude, magnitude), dtype)
 
 
-def f64(tree):
-    return jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), tree)
-
-
-def random_params(net, x, rng):
-    shapes = jax.eval_shape(net.init, jax.random.key(0), x)
-    return jax.tree.map(lambda leaf: jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype), shapes)
-
-
-def assert_contract(net, params, x):
-    """Declared shapes, jit, vmap, one example at a time and two leading batch axes agree.
-
-    ``x`` is a batch of 6 examples; returns ``net.apply(params, x)``, not jitted. The other
-    readings of ``x`` run in one jitted function (their example rank is inferred at trace
-    time all the same), so that each test compiles once.
-    """
-    y = net.apply(params, x)
-    assert net.output_shape(x).shape == y.shape and net.output_shape(x).dtype == y.dtype, net
-    assert jn.summarize(net, x).rows[-1].output_shape == y.shape, net
-
-    @jax.jit
-    def variants(params, x):
-        return (net.apply(params, x), jax.vmap(net.apply, (None, 0))(params, x),
-                net.apply(params, x[0]), net.apply(params, x[5]),
-                net.apply(params, x.reshape((2, 3) + x.shape[1:])))  # (2, 3, *example)
-
-    jitted, mapped, first, last, two_axes = variants(params, x)
-    assert two_axes.shape == (2, 3) + y.shape[1:]
-    for other, expected in ((jitted, y), (mapped, y), (first, y[0]), (last, y[5]), (two_axes.reshape(y.shape), y)):
-        np.testing.assert_allclose(other, expected, rtol=1e-6, atol=1e-6)
-    return y
 
 
 # ---- as functions ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxnet as jn
+from contract import assert_contract, f64, random_params
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 layer vs float64 reference
 
@@ -26,11 +27,6 @@ def random_like(tree, rng):
     return jax.tree.map(lambda leaf: jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype), tree)
 
 
-def random_params(net, x, rng):
-    """Random params of the shapes ``net.init(key, x)`` gives (found without running the initializers)."""
-    return random_like(jax.eval_shape(net.init, jax.random.key(0), x), rng)
-
-
 def initialise(net, key, shape):
     """``net.init(key, shape)`` compiled once, rather than one compilation per random op."""
     return jax.jit(net.init, static_argnums=1)(key, shape)
@@ -40,32 +36,6 @@ def normal(rng, shape, dtype=jnp.float32):
     return jnp.asarray(rng.normal(size=shape), dtype)
 
 
-def f64(tree):
-    return jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), tree)
-
-
-def assert_contract(net, params, x):
-    """Declared shapes, jit, vmap, one example at a time and two leading batch axes agree.
-
-    ``x`` is a batch of 6 examples; returns ``net.apply(params, x)``, not jitted. The other
-    readings of ``x`` run in one jitted function (their example rank is inferred at trace
-    time all the same), so that each test compiles once.
-    """
-    y = net.apply(params, x)
-    assert net.output_shape(x).shape == y.shape and net.output_shape(x).dtype == y.dtype, net
-    assert jn.summarize(net, x).rows[-1].output_shape == y.shape, net
-
-    @jax.jit
-    def variants(params, x):
-        return (net.apply(params, x), jax.vmap(net.apply, (None, 0))(params, x),
-                net.apply(params, x[0]), net.apply(params, x[5]),
-                net.apply(params, x.reshape((2, 3) + x.shape[1:])))  # (2, 3, *example)
-
-    jitted, mapped, first, last, two_axes = variants(params, x)
-    assert two_axes.shape == (2, 3) + y.shape[1:]
-    for other, expected in ((jitted, y), (mapped, y), (first, y[0]), (last, y[5]), (two_axes.reshape(y.shape), y)):
-        np.testing.assert_allclose(other, expected, rtol=1e-6, atol=1e-6)
-    return y
 
 
 # ---- Dense -----------------------------------------------------------------------------
