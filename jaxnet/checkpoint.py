@@ -424,7 +424,8 @@ def export_pytorch(params) -> dict[str, np.ndarray]:
       params: a jaxnet params tree.
 
     Returns:
-      ``{"dense_1.weight": (out, in) array, "dense_1.bias": (out,) array, ...}``, NumPy arrays.
+      ``{"dense_1.weight": (out, in) array, "dense_1.bias": (out,) array, ...}``, writable
+      C-contiguous NumPy arrays.
 
     Raises:
       ValueError: a leaf whose name has no PyTorch counterpart.
@@ -435,7 +436,7 @@ def export_pytorch(params) -> dict[str, np.ndarray]:
         if last not in _TORCH_NAMES:
             raise ValueError(f"export_pytorch: no PyTorch name for {name}; known leaf names are "
                              f"{', '.join(_TORCH_NAMES)}")
-        array = np.asarray(leaf)
+        array = np.array(leaf)  # a writable copy, as torch.from_numpy wants
         if last == "w":  # (*kernel, in, out) -> (out, in, *kernel); Dense (in, out) -> (out, in)
             array = np.ascontiguousarray(np.moveaxis(array, (-1, -2), (0, 1)))
         exported[".".join([*layer, _TORCH_NAMES[last]])] = array
