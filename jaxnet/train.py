@@ -164,6 +164,17 @@ def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
     return jax.jit(step, donate_argnums=0)
 
 
+def shuffled_order(key: jax.Array, n: int) -> jax.Array:
+    """A random permutation of ``arange(n)`` (int32), drawn on the device with one sort.
+
+    ``jax.random.permutation`` sorts several times; XLA:CPU's sort is slow (~6 ms for 32,000
+    elements), and for small networks that doubled an epoch's time. One sort by random 32-bit
+    keys is uniform except that the rare equal keys keep their index order.
+    """
+    keys = jax.random.bits(key, (n,), jnp.uint32)
+    return jax.lax.sort_key_val(keys, jnp.arange(n, dtype=jnp.int32))[1]
+
+
 def _padded_batches(n: int, batch_size: int) -> tuple[int, np.ndarray | None]:
     """Number of batches and, when the last one is partial, the ``(batches, batch_size)`` weights."""
     num_batches = max(math.ceil(n / batch_size), 1)
@@ -192,7 +203,7 @@ def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn
 
     def epoch(state, x, y, epoch_index):
         shuffle_key = jax.random.fold_in(jax.random.fold_in(state.key, 0), epoch_index)
-        order = _batch_indices(jax.random.permutation(shuffle_key, n), num_batches, batch_size)
+        order = _batch_indices(shuffled_order(shuffle_key, n), num_batches, batch_size)
         # One gather of the whole epoch, then contiguous batches: on XLA:CPU this is ~3x faster
         # for small networks than gathering each batch inside the loop.
         xs = jnp.take(x, order, axis=0, mode="clip")  # (num_batches, batch_size, *example)

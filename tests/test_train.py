@@ -78,7 +78,7 @@ def test_fit_matches_a_hand_written_loop_with_a_masked_last_batch(key, rng):
     state, _ = train.fit(net, params, optax.sgd(0.5), (x, y), epochs=1, batch_size=4,
                          key=run_key, progress=False)
 
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.fold_in(run_key, 0), 0), 10))
+    order = np.asarray(train.shuffled_order(jax.random.fold_in(jax.random.fold_in(run_key, 0), 0), 10))
     expected = params
     for batch in (order[0:4], order[4:8], order[8:10]):
         def loss(p):
@@ -212,3 +212,15 @@ def test_evaluate_matches_a_direct_computation(key, rng):
     logits = net.apply(params, x)
     np.testing.assert_allclose(got["loss"], softmax_cross_entropy(logits, jnp.asarray(y)).mean(), rtol=1e-5)
     np.testing.assert_allclose(got["accuracy"], float((logits.argmax(-1) == y).mean()), rtol=1e-6)
+
+
+def test_shuffled_order_is_a_permutation_and_depends_on_the_key():
+    a = np.asarray(train.shuffled_order(jax.random.key(0), 1000))
+    b = np.asarray(train.shuffled_order(jax.random.key(1), 1000))
+    np.testing.assert_array_equal(np.sort(a), np.arange(1000))
+    assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(1000))
+    # each position is uniform: over many keys, where index 0 lands is spread out
+    first = [int(np.flatnonzero(np.asarray(train.shuffled_order(jax.random.key(k), 10)) == 0)[0])
+             for k in range(400)]
+    counts = np.bincount(first, minlength=10)
+    assert counts.min() > 20 and counts.max() < 65
