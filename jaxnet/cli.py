@@ -10,9 +10,13 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from jaxnet.run import RunConfig
 
 USAGE_ERROR = 2
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp

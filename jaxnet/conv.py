@@ -10,7 +10,6 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -311,8 +311,8 @@ def infer_example_ndim(layer: Layer, params: Params, state: State, x: Array) -> 
 
     It is the smallest rank that fits: ``init`` accepts the example and would produce exactly
     the shapes and dtypes of ``params`` and ``state``. That covers one example, a batch, several
-    batch axes and ``vmap``. A network without any parameters or state has nothing to infer
-    from and reads ``x`` as a batch ``(batch, *example)`` when it can. Costs nothing at run
+    batch axes and ``vmap``. A network without any parameters or state has nothing to go
+    by, so it reads ``x`` as a batch ``(batch, *example)`` when it can. Costs nothing at run
     time: it only compares shapes, cached per input shape.
 
     Raises:

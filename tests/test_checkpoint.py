@@ -417,7 +417,7 @@ def test_a_nan_run_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError) as info:
         run.train(config, tmp_path, progress=False)
     last_good = tmp_path / "checkpoints" / f"ckpt-{2 * steps_per_epoch:06d}"
-    assert f"loss became nan in epoch 3 (steps 47-69)" in str(info.value)
+    assert "loss became nan in epoch 3 (steps 47-69)" in str(info.value)
     assert f"the last good checkpoint is {last_good}" in str(info.value)
     assert checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1] == last_good
     assert [r["epoch"] for r in strip_times(tmp_path / "metrics.jsonl")] == [1, 2]

@@ -101,7 +101,7 @@ def test_same_seed_same_run_other_seed_other_run(key, rng):
                                    key=jax.random.key(seed), progress=False)
         return state, [{k: v for k, v in r.items() if "second" not in k} for r in history]
 
-    (a, ha), (b, hb), (c, hc) = run(1), run(1), run(2)
+    (a, ha), (b, hb), (_, hc) = run(1), run(1), run(2)
     assert ha == hb
     for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(u, v)
