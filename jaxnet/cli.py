@@ -158,17 +158,19 @@ def cmd_train(args, console: Console) -> None:
 def cmd_eval(args, console: Console) -> None:
     import jax.numpy as jnp
 
-    from jaxnet.metrics import confusion_matrix
+    from jaxnet.inference import predict
+    from jaxnet.losses import softmax_cross_entropy
+    from jaxnet.metrics import accuracy, confusion_matrix
     from jaxnet.run import load_data, read_run
-    from jaxnet.train import evaluate
 
     config, record, net, params = read_run(args.run_dir)
     dataset, _ = load_data(config)
-    metrics = evaluate(net, params, (dataset.x_test, dataset.y_test))
+    labels = jnp.asarray(dataset.y_test)
+    logits = jnp.asarray(predict(net, params, dataset.x_test))  # one pass, in fixed-size chunks
+    loss = float(softmax_cross_entropy(logits, labels).mean())
     console.print(f"{args.run_dir}: {config.model} on {dataset.name}, {len(dataset.x_test)} test "
-                  f"examples: accuracy {metrics['accuracy']:.2%}, loss {metrics['loss']:.4f}")
-    predictions = jnp.argmax(net.apply(params, dataset.x_test), axis=-1)
-    matrix = confusion_matrix(predictions, jnp.asarray(dataset.y_test), dataset.num_classes)
+                  f"examples: accuracy {float(accuracy(logits, labels)):.2%}, loss {loss:.4f}")
+    matrix = confusion_matrix(jnp.argmax(logits, axis=-1), labels, dataset.num_classes)
     table = Table(title="confusion matrix (rows: true class, columns: predicted)")
     table.add_column("")
     for c in range(dataset.num_classes):

@@ -20,6 +20,11 @@ from contract import assert_contract, f64, random_params
 RTOL, ATOL = 1e-5, 1e-5  # float32 layer vs float64 reference
 
 
+def dense_1(h, p):
+    """The float64 reference of the layer named dense_1: ``h @ w + b``."""
+    return h @ p["dense_1"]["w"] + p["dense_1"]["b"]
+
+
 # ---- helpers ---------------------------------------------------------------------------
 
 def random_like(tree, rng):
@@ -59,7 +64,7 @@ def test_dense_acts_on_last_axis_of_sequences(rng):
     params = random_params(net, x[:1], rng)
     y = assert_contract(net, params, x)
     p = f64(params)
-    hidden = np.maximum(np.asarray(x, np.float64) @ p["dense_1"]["w"] + p["dense_1"]["b"], 0)
+    hidden = np.maximum(dense_1(np.asarray(x, np.float64), p), 0)
     expected = hidden @ p["dense_2"]["w"] + p["dense_2"]["b"]
     assert y.shape == (6, 5, 2)
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
@@ -222,7 +227,7 @@ def test_embedding_then_dense(rng):
     params = random_params(net, ids[:1], rng)
     y = assert_contract(net, params, ids)
     p = f64(params)
-    expected = p["embedding_1"]["table"][np.asarray(ids)] @ p["dense_1"]["w"] + p["dense_1"]["b"]
+    expected = dense_1(p["embedding_1"]["table"][np.asarray(ids)], p)
     assert y.shape == (6, 5, 3)
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
 
@@ -280,7 +285,7 @@ def test_flatten_then_dense_matches_numpy(rng, example):
     assert params["dense_1"]["w"].shape == (math.prod(example), 3)
     y = assert_contract(net, params, x)
     p = f64(params)
-    expected = np.asarray(x, np.float64).reshape(6, -1) @ p["dense_1"]["w"] + p["dense_1"]["b"]
+    expected = dense_1(np.asarray(x, np.float64).reshape(6, -1), p)
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
 
 
@@ -292,7 +297,7 @@ def test_reshape_then_dense_matches_numpy(rng, shape, resolved):
     params = random_params(net, x[:1], rng)
     y = assert_contract(net, params, x)
     p = f64(params)
-    expected = np.asarray(x, np.float64).reshape((6,) + resolved) @ p["dense_1"]["w"] + p["dense_1"]["b"]
+    expected = dense_1(np.asarray(x, np.float64).reshape((6,) + resolved), p)
     assert y.shape == (6,) + resolved[:-1] + (3,)
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
 
@@ -310,8 +315,7 @@ def test_reshape_and_flatten_round_trip(rng):
     params = random_params(net, x[:1], rng)
     y = assert_contract(net, params, x)
     p = f64(params)
-    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ p["dense_1"]["w"] + p["dense_1"]["b"],
-                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(y, dense_1(np.asarray(x, np.float64), p), rtol=RTOL, atol=ATOL)
 
 
 def test_flatten_reshape_gradients(rng):
@@ -362,8 +366,7 @@ def test_dropout_is_identity_in_eval_mode(key, rng, drop_rate):
     params = random_params(net, x[:1], rng)
     y = assert_contract(net, params, x)
     p = f64(params)
-    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ p["dense_1"]["w"] + p["dense_1"]["b"],
-                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(y, dense_1(np.asarray(x, np.float64), p), rtol=RTOL, atol=ATOL)
     np.testing.assert_array_equal(net.apply(params, x, key=key), y)
     np.testing.assert_array_equal(jn.Dropout(drop_rate).apply({}, x), x)
 
