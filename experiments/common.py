@@ -22,14 +22,16 @@ def train_record(config) -> dict:
 
     Returns:
       ``{"config", "test_accuracy", "train_accuracy", "test_loss", "train_loss", "seconds",
-      "compile_seconds", "wall_seconds"}``; the lists have one entry per epoch.
+      "examples_per_second", "compile_seconds", "wall_seconds"}``; the lists have one entry per
+      epoch (``examples_per_second``: training only, evaluation excluded).
     """
     from jaxnet.run import train
 
     start = time.perf_counter()
     _, history, _, _ = train(config, out_dir=None, progress=False)
     record = {"config": dataclasses.asdict(config)}
-    for key in ("test_accuracy", "train_accuracy", "test_loss", "train_loss", "seconds"):
+    for key in ("test_accuracy", "train_accuracy", "test_loss", "train_loss", "seconds",
+                "examples_per_second"):
         record[key] = [epoch[key] for epoch in history]
     record["compile_seconds"] = history[0]["compile_seconds"]
     record["wall_seconds"] = time.perf_counter() - start

@@ -13,11 +13,17 @@ from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, restore_check
 from jaxnet.combinators import Named, Parallel, Residual, Serial, named, parallel, residual, serial
 from jaxnet.conv import AvgPool, Conv, Conv1D, Conv2D, MaxPool
 from jaxnet.core import Context, Layer, ShapeError
+from jaxnet.data_parallel import data_mesh
 from jaxnet.layers import Dense, Dropout, Embedding, Flatten, Reshape
 from jaxnet.norm import BatchNorm, LayerNorm
+from jaxnet.precision import Policy, get_policy
+from jaxnet.population import (Ensemble, Population, best_member, fit_population,
+                               init_population)
 from jaxnet.stax import from_stax, to_stax
 from jaxnet.summary import Summary, summarize
-from jaxnet.inference import predict
+from jaxnet.inference import predict, predict_proba, predict_to_file
+from jaxnet.per_example import (clip_per_example, dp_aggregate, per_example_grads,
+                                per_example_losses, per_example_norms, per_example_value_and_grads)
 from jaxnet.train import TrainState, evaluate, fit, init_train_state, make_train_step
 
 __version__ = "0.1.0"
@@ -29,5 +35,8 @@ __all__ = [
     "named", "parallel", "relu", "residual", "serial", "sigmoid", "silu", "softmax", "softplus",
     "summarize", "tanh", "from_stax", "to_stax", "TrainState", "evaluate", "fit",
     "init_train_state", "make_train_step", "predict", "CheckpointError", "latest_checkpoint",
-    "restore_checkpoint", "restore_params", "save_checkpoint",
+    "restore_checkpoint", "restore_params", "save_checkpoint", "data_mesh", "Ensemble", "Population",
+    "best_member", "fit_population", "init_population", "Policy", "get_policy",
+    "predict_proba", "predict_to_file", "clip_per_example", "dp_aggregate", "per_example_grads",
+    "per_example_losses", "per_example_norms", "per_example_value_and_grads",
 ]

@@ -56,6 +56,18 @@ class Activation(Layer):
         return self.fn(x), state
 
 
+def _at_least_float32(fn):
+    """``fn`` computed in float32 for bfloat16/float16 inputs, the result in the input's dtype:
+    a softmax's exponentials and normalisation would otherwise round several times."""
+    def wrapped(x):
+        x = jax.numpy.asarray(x)
+        if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating) or jax.numpy.finfo(x.dtype).bits >= 32:
+            return fn(x)
+        return fn(x.astype(jax.numpy.float32)).astype(x.dtype)
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
 sigmoid = Activation(jax.nn.sigmoid, "sigmoid")
 relu = Activation(jax.nn.relu, "relu")
 tanh = Activation(jax.numpy.tanh, "tanh")
@@ -64,8 +76,8 @@ silu = Activation(jax.nn.silu, "silu")
 elu = Activation(jax.nn.elu, "elu")
 leaky_relu = Activation(jax.nn.leaky_relu, "leaky_relu")
 softplus = Activation(jax.nn.softplus, "softplus")
-softmax = Activation(jax.nn.softmax, "softmax")
-log_softmax = Activation(jax.nn.log_softmax, "log_softmax")
+softmax = Activation(_at_least_float32(jax.nn.softmax), "softmax")
+log_softmax = Activation(_at_least_float32(jax.nn.log_softmax), "log_softmax")
 
 ACTIVATIONS = {a.kind: a for a in (sigmoid, relu, tanh, gelu, silu, elu, leaky_relu, softplus,
                                    softmax, log_softmax)}

@@ -44,12 +44,15 @@ class Context(NamedTuple):
       train: training mode (dropout active, batch statistics used).
       key: a PRNG key for stochastic layers, or ``None``.
       record: when not ``None``, a list that leaf layers append summary rows to.
+      drop_rate: when not ``None``, a float32 scalar (possibly traced) that replaces every
+        Dropout layer's own rate.
     """
 
     path: str
     train: bool = False
     key: Array | None = None
     record: list | None = None
+    drop_rate: Array | None = None
 
     def child(self, name: str, key: Array | None) -> Context:
         return self._replace(path=join_path(self.path, name), key=key)
@@ -155,6 +158,7 @@ class Layer:
 
     def apply_with_state(self, params: Params, state: State, x: Array, *,
                          key: Array | None = None, train: bool = False,
+                         drop_rate: Array | float | None = None,
                          _record: list | None = None) -> tuple[Array, State]:
         """Runs the network with explicit state.
 
@@ -164,6 +168,9 @@ class Layer:
           x: ``(*batch, *example)`` inputs, as in :meth:`apply`.
           key: PRNG key for stochastic layers in training mode.
           train: training mode; stateful layers update their state only then.
+          drop_rate: a float32 scalar in ``[0, 1)``, possibly traced, that replaces the rate of
+            every Dropout layer built with a nonzero rate (a rate of 0 builds no dropout at all),
+            so that a schedule or a population of rates needs no recompilation.
 
         Returns:
           ``(y, new_state)`` with ``y`` of shape ``(*batch, *output)``.
@@ -174,7 +181,9 @@ class Layer:
         batched = x.reshape((math.prod(batch_shape),) + x.shape[len(batch_shape):])
         if key is not None:
             key = _check_key(key)
-        ctx = Context(self._top_path(), train=train, key=key, record=_record)
+        if drop_rate is not None:
+            drop_rate = jnp.asarray(drop_rate, jnp.float32)
+        ctx = Context(self._top_path(), train=train, key=key, record=_record, drop_rate=drop_rate)
         y, new_state = call_layer(self, params, state, batched, ctx)
         return y.reshape(batch_shape + y.shape[1:]), new_state
 

@@ -1,55 +1,394 @@
-"""Batch inference in fixed-size chunks: one compiled function, no recompilation for the last chunk."""
+"""Batch inference over any number of inputs, in fixed-size chunks.
+
+``predict`` runs a network over ``(n, *example)`` inputs ``batch_size`` at a time: a NumPy
+array, a memory-mapped ``.npy`` file larger than memory, or a JAX array. Every chunk has the same
+shape (the last one is padded), so **one compiled program** serves every chunk and every later
+call with as many inputs or more. Only a chunk or two is on the host and the device at a time;
+the outputs go into a preallocated array (``out=``) or straight into a ``.npy`` file
+(``predict_to_file``, written atomically).
+
+>>> import jax, numpy as np, jaxnet as jn
+>>> net = jn.serial(jn.Flatten(), jn.Dense(32), jn.relu, jn.Dense(10))
+>>> params = net.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
+>>> jn.predict_proba(net, params, np.ones((1000, 8, 8, 1), np.float32), batch_size=256).shape
+(1000, 10)
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxnet.core import Layer, Params, State
+from jaxnet.core import Layer, Params, State, infer_example_ndim, shape_str
+from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy
+from jaxnet.tensorfile import current_umask, fsync_directory
+
+Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
-@functools.partial(jax.jit, static_argnames=("net", "proba"))
-def _apply(params, model_state, x, *, net: Layer, proba: bool):
-    y, _ = net.apply_with_state(params, model_state, x)
+@functools.partial(jax.jit, static_argnames=("net", "proba", "policy"))
+def _apply(params, model_state, x, *, net: Layer, proba: bool, policy: Policy | None = None):
+    y, _ = apply_with_policy(net, policy, params, model_state, x)
     return jax.nn.softmax(y, axis=-1) if proba else y
 
 
+@functools.lru_cache(maxsize=64)
+def _output_spec(net: Layer, proba: bool, chunk_shape: tuple[int, ...], dtype,
+                 policy: Policy | None = None) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of one chunk's outputs (params were already checked to fit)."""
+    spec = jax.ShapeDtypeStruct(chunk_shape, dtype)
+    params, state = jax.eval_shape(lambda k: net.init_with_state(k, spec), jax.random.key(0))
+    return jax.eval_shape(functools.partial(_apply, net=net, proba=proba, policy=policy),
+                          params, state, spec)
+
+
+def _signature(tree) -> tuple:
+    """A hashable stand-in for a params or state tree: its structure, shapes and dtypes."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((tuple(np.shape(leaf)), jnp.dtype(leaf.dtype)) for leaf in leaves)
+
+
+@functools.lru_cache(maxsize=256)
+def _example_ndim(net: Layer, spec: jax.ShapeDtypeStruct, params: tuple, state: tuple) -> int:
+    """``infer_example_ndim`` on the trees' shapes, cached: a repeated call costs nothing.
+
+    Raises its errors, which name the layer and the shapes."""
+    as_specs = lambda sig: sig[0].unflatten([jax.ShapeDtypeStruct(*leaf) for leaf in sig[1]])  # noqa: E731
+    return infer_example_ndim(net, as_specs(params), as_specs(state), spec)
+
+
+def chunk_size(n: int, batch_size: int) -> int:
+    """Rows per compiled call: ``batch_size``, or for fewer inputs the next power of two >= n.
+
+    Rounding small ``n`` up keeps calls with different small counts to a handful of programs
+    (at most ``log2(batch_size)``) while padding at most twice the work.
+    """
+    return batch_size if n >= batch_size else min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+
+class _Plan:
+    """What ``predict`` checked before any work: sizes, example shape and dtype, output spec."""
+
+    def __init__(self, net, params, x, model_state, batch_size, proba, preprocess, precision=None):
+        policy = get_policy(precision)
+        check_params(policy, params, "predict")
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            x = np.asarray(x)
+        if len(x.shape) == 0:
+            raise ValueError("predict: x must be (n, *example) inputs, got a scalar")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"predict: batch_size must be a positive integer, got {batch_size!r}")
+        if model_state is None:
+            if net.has_state:
+                raise ValueError("predict: this network keeps state (e.g. BatchNorm statistics); "
+                                 "pass the trained model_state")
+            model_state = {}
+        self.x, self.n, self.preprocess = x, int(x.shape[0]), preprocess
+        self.on_device = isinstance(x, jax.Array)
+        self.chunk = chunk_size(self.n, int(batch_size))
+        self.example_shape, dtype = self._example(x)
+        self.dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 is float32 unless x64 is on
+        spec = jax.ShapeDtypeStruct((self.n,) + self.example_shape, self.dtype)
+        try:
+            example_ndim = _example_ndim(net, spec, _signature(params), _signature(model_state))
+        except TypeError:
+            # The rank search meets a dtype error first at rank 0, and would report the shape
+            # of that probe; the conventional reading (n, *example) names the real one.
+            net.output_shape(jax.ShapeDtypeStruct((1,) + self.example_shape, self.dtype))
+            raise
+        if example_ndim > len(self.example_shape):
+            raise ValueError(
+                f"predict: x must be (n, *example) inputs; the network reads all of x, shape "
+                f"{shape_str(spec.shape)}, as a single example (for one example, pass x[None])")
+        y = _output_spec(net, proba, (self.chunk,) + self.example_shape, self.dtype, policy)
+        self.output = jax.ShapeDtypeStruct((self.n,) + y.shape[1:], y.dtype)
+        # on the device once, not with every chunk
+        self.params, self.model_state = jax.device_put((params, model_state))
+        self.run = functools.partial(_apply, net=net, proba=proba, policy=policy)
+
+    def _example(self, x) -> tuple[tuple[int, ...], np.dtype]:
+        if self.preprocess is None:
+            return tuple(x.shape[1:]), x.dtype
+        first = self._preprocessed(0, min(self.n, 1))  # to see what the chunks will become
+        return tuple(first.shape[1:]), first.dtype
+
+    def _preprocessed(self, start: int, stop: int):
+        part = self.x[start:stop]
+        if self.preprocess is not None:
+            part = self.preprocess(part)
+            if not hasattr(part, "shape") or part.shape[0] != stop - start:
+                raise ValueError(f"predict: preprocess must return one row per input row; given "
+                                 f"{stop - start} rows it returned shape "
+                                 f"{shape_str(getattr(part, 'shape', ()))}")
+        return part
+
+    def device_chunks(self) -> Iterator[tuple[int, int, jax.Array]]:
+        """``(start, stop, chunk)`` with every chunk ``(self.chunk, *example)`` on the device."""
+        for start in range(0, self.n, self.chunk):
+            stop = min(start + self.chunk, self.n)
+            part = self._preprocessed(start, stop)
+            if tuple(part.shape[1:]) != self.example_shape:
+                raise ValueError(f"predict: rows {start}:{stop} have examples of shape "
+                                 f"{shape_str(part.shape[1:])}, the first ones "
+                                 f"{shape_str(self.example_shape)}")
+            if self.on_device:
+                yield start, stop, _pad(jnp.asarray(part, self.dtype), self.chunk, jnp)
+            else:  # device_put returns at once; the copy runs while earlier chunks compute
+                yield start, stop, jax.device_put(_pad(np.asarray(part), self.chunk, np))
+
+    def outputs(self) -> Iterator[tuple[int, int, jax.Array]]:
+        """``(start, stop, y)``, each yielded only after the next chunk has been dispatched,
+        so that the device computes chunk k+1 while the host reads chunk k's result."""
+        pending = None
+        for start, stop, part in self.device_chunks():
+            y = self.run(self.params, self.model_state, part)  # asynchronous
+            if pending is not None:
+                yield pending
+            pending = (start, stop, y)
+        if pending is not None:
+            yield pending
+
+
+def _pad(part, rows: int, xp):
+    """``part`` topped up with zero rows to ``rows`` (the compiled chunk size)."""
+    missing = rows - part.shape[0]
+    if not missing:
+        return part
+    return xp.concatenate([part, xp.zeros((missing,) + tuple(part.shape[1:]), part.dtype)])
+
+
+@contextlib.contextmanager
+def _progress_bar(show: bool, total: int):
+    """A rich bar in the style of ``fit``'s, counting inputs; yields ``advance(rows)``."""
+    if not show:
+        yield lambda rows: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    bar = Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("inputs"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True))
+    task = bar.add_task("predict", total=total)
+    with bar:
+        yield lambda rows: bar.advance(task, rows)
+
+
+def _check_out(out, spec: jax.ShapeDtypeStruct) -> None:
+    if not isinstance(out, np.ndarray) or not out.flags.writeable:
+        raise TypeError(f"predict: out must be a writable NumPy array (or np.memmap) of shape "
+                        f"{shape_str(spec.shape)}, got {type(out).__name__}")
+    if out.shape != spec.shape:
+        raise ValueError(f"predict: out has shape {shape_str(out.shape)}, expected "
+                         f"{shape_str(spec.shape)} (n inputs, then the output of one)")
+    if not np.can_cast(spec.dtype, out.dtype, "same_kind"):
+        raise TypeError(f"predict: out has dtype {out.dtype}; the outputs are {spec.dtype}, which "
+                        f"cannot be stored in it without changing kind")
+
+
 def predict(net: Layer, params: Params, x, *, model_state: State | None = None,
-            batch_size: int = 8192, proba: bool = False) -> np.ndarray:
+            batch_size: int = 8192, proba: bool = False, progress: bool = False,
+            out: np.ndarray | None = None, preprocess: Preprocess | None = None,
+            precision: str | Policy | None = None):
     """The network's outputs for every input, computed ``batch_size`` inputs at a time.
 
+    Equal to ``net.apply(params, x)`` in one go (evaluation mode), without ever holding more
+    than a chunk or two of ``x`` on the host or the device.
+
     Args:
-      net: the network (evaluation mode).
+      net: the network (run in evaluation mode).
       params: its parameters.
-      x: ``(n, *example)`` inputs: a NumPy array (memory-mapped ``.npy`` files work: only one
-        chunk is on the device at a time) or a JAX array.
-      model_state: the trained state, for networks with state.
-      batch_size: inputs per compiled call; the last chunk is padded to it, so one program
-        serves every chunk.
-      proba: return ``softmax`` of the outputs (probabilities per class) instead of logits.
+      x: ``(n, *example)`` inputs: a NumPy array, a memory-mapped ``.npy`` file
+        (``np.load(path, mmap_mode="r")``; only the chunk being read is in memory), anything
+        else with ``shape``, ``dtype`` and row slicing, or a JAX array (chunks are sliced on
+        the device).
+      model_state: the trained state, for networks with state (BatchNorm).
+      batch_size: inputs per compiled call. The last chunk is padded to it, so one program
+        serves every chunk, and later calls with at least ``batch_size`` inputs reuse it.
+        Fewer than ``batch_size`` inputs run as one chunk padded to the next power of two.
+      proba: return ``softmax`` of the outputs over the last axis (one probability per class)
+        instead of logits.
+      progress: show a progress bar (on stderr) counting inputs.
+      out: a writable array (``np.memmap`` works) of shape ``(n, *output)`` to write the
+        outputs into; its dtype must hold them (same kind). Returned.
+      preprocess: applied to each chunk of ``x`` before it goes to the device, e.g. to scale
+        raw ``uint8`` pixels without making a float copy of all of ``x``; maps ``(rows, ...)``
+        to ``(rows, *example)`` row by row (a NumPy array for host inputs, a JAX array for
+        JAX inputs).
+      precision: the forward pass's policy (see :mod:`jaxnet.precision`): ``None`` (no casts),
+        ``"f32"``, ``"bf16"``, ``"f16"`` or a ``Policy``; its outputs are float32.
 
     Returns:
-      ``(n, *output)``, equal to ``net.apply(params, x)`` computed in one go: a JAX array on
-      the device when ``x`` is one, else a NumPy array.
+      ``(n, *output)``: ``out`` when given; else a NumPy array, or a JAX array when ``x`` is
+      one. The dtype is the network's output dtype (float32 for a float32 network).
+
+    Raises:
+      ValueError: bad ``batch_size``, a stateful network without ``model_state``, params that
+        do not fit examples of ``x``'s shape (naming the shapes), ``x`` without a leading
+        input axis, or ``out`` of the wrong shape.
+      TypeError: inputs the network does not take (e.g. integers into ``Dense``), or ``out``
+        that is not a writable NumPy array of a compatible dtype.
     """
-    if model_state is None:
-        if net.has_state:
-            raise ValueError("predict: this network keeps state; pass the trained model_state")
-        model_state = {}
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("predict: no inputs (x has 0 rows)")
-    batch_size = min(batch_size, n)
-    run = functools.partial(_apply, params, model_state, net=net, proba=proba)
-    if isinstance(x, jax.Array) and n == batch_size:
-        return run(x)
-    outputs = []
-    for start in range(0, n, batch_size):
-        chunk = np.asarray(x[start:start + batch_size])  # one chunk in host memory at a time
-        rows = chunk.shape[0]
-        if rows < batch_size:  # pad to the compiled shape; the padding rows are dropped below
-            chunk = np.concatenate([chunk, np.zeros((batch_size - rows,) + chunk.shape[1:], chunk.dtype)])
-        outputs.append(run(chunk)[:rows])
-    return np.concatenate([np.asarray(o) for o in outputs]) if len(outputs) > 1 else np.asarray(outputs[0])
+    plan = _Plan(net, params, x, model_state, batch_size, proba, preprocess, precision)
+    if out is not None:
+        _check_out(out, plan.output)
+    elif plan.on_device:
+        return _predict_on_device(plan, progress)
+    else:
+        out = np.empty(plan.output.shape, plan.output.dtype)
+    _fill(plan, out, progress)
+    return out
+
+
+def _fill(plan: _Plan, out: np.ndarray, progress: bool) -> None:
+    with _progress_bar(progress, plan.n) as advance:
+        for start, stop, y in plan.outputs():
+            out[start:stop] = np.asarray(y)[:stop - start]  # waits for this chunk only
+            advance(stop - start)
+
+
+def _predict_on_device(plan: _Plan, progress: bool) -> jax.Array:
+    if plan.n == 0:
+        return jnp.zeros(plan.output.shape, plan.output.dtype)
+    pieces = []
+    with _progress_bar(progress, plan.n) as advance:
+        for start, stop, y in plan.outputs():
+            pieces.append(y if stop - start == plan.chunk else y[:stop - start])
+            if progress:
+                y.block_until_ready()
+            advance(stop - start)
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+
+def predict_proba(net: Layer, params: Params, x, **kwargs):
+    """``predict(net, params, x, proba=True, ...)``: ``(n, classes)`` probabilities that sum to 1
+    over the last axis. Takes the keyword arguments of :func:`predict`."""
+    return predict(net, params, x, proba=True, **kwargs)
+
+
+def predict_to_file(net: Layer, params: Params, x, path, *, model_state: State | None = None,
+                    batch_size: int = 8192, proba: bool = False, progress: bool = False,
+                    preprocess: Preprocess | None = None,
+                    precision: str | Policy | None = None) -> Path:
+    """Writes ``predict(net, params, x, ...)`` to the ``.npy`` file ``path``, all or nothing.
+
+    The outputs go chunk by chunk into a memory-mapped temporary file next to ``path`` (so
+    neither the inputs nor the outputs need to fit in memory), which is flushed, fsynced and
+    renamed to ``path`` only when every chunk is written. On any error (a bad input chunk, a full
+    disk, Ctrl-C) the temporary file is removed and an existing ``path`` is left untouched.
+
+    Args:
+      net, params, x: as for :func:`predict`, and its keyword arguments except ``out``.
+      path: the ``.npy`` file to write; read it back with ``np.load(path)``, or
+        ``np.load(path, mmap_mode="r")`` when it is large.
+
+    Returns:
+      ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    plan = _Plan(net, params, x, model_state, batch_size, proba, preprocess, precision)  # checks first
+    spec = plan.output
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # an ordinary file, not mkstemp's 0600
+        if plan.n == 0:  # an empty array cannot be memory-mapped
+            with open(tmp, "wb") as f:
+                np.save(f, np.zeros(spec.shape, spec.dtype), allow_pickle=False)
+        else:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=spec.dtype, shape=spec.shape)
+            _fill(plan, out, progress)
+            out.flush()
+            del out
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_directory(path.parent)
+    return path
+
+
+def run_preprocess(data: dict, input_shape: tuple[int, ...], input_dtype) -> Preprocess:
+    """The preprocessing a ``jaxnet train`` run applied, for raw inputs of ``input_shape``.
+
+    ``jaxnet predict`` takes inputs as the :mod:`jaxnet.data` loaders read them from the data
+    set's files, before standardisation, and this turns each chunk into what the network was
+    trained on: ``uint8`` values are pixels in 0..255 and are scaled by 1/255 (as the IDX and
+    ``.npz`` loaders do); other numbers are taken as they are, as float32 (the loaders' values:
+    Fashion-MNIST/MNIST pixels in [0, 1], digits counts / 16); then ``(x - mean) / std`` with the
+    training set's statistics, exactly as training computed it (0 and 1 for ``--no-standardize``
+    runs).
+
+    Args:
+      data: the ``data`` record of the run's ``config.json`` (``example_shape``, ``mean``,
+        ``std``).
+      input_shape: ``(n, *shape)`` of the raw inputs: ``shape`` is the run's example shape
+        (``(8, 8, 1)``), that shape without its trailing channel axis of size 1 (``(8, 8)``),
+        or flattened (``(64,)``).
+      input_dtype: an integer or floating NumPy dtype.
+
+    Returns:
+      A ``preprocess`` for :func:`predict`: ``(rows, *shape)`` raw values to
+      ``(rows, *example_shape)`` float32.
+
+    Raises:
+      ValueError: ``input_shape`` is none of the three accepted forms (the message names them).
+      TypeError: ``input_dtype`` is not a number type.
+    """
+    example = tuple(int(d) for d in data["example_shape"])
+    size = int(np.prod(example))
+    accepted = [example] + ([example[:-1]] if example[-1:] == (1,) else []) + [(size,)]
+    accepted = list(dict.fromkeys(accepted))  # (n,) examples: the forms coincide
+    if len(input_shape) == 0 or tuple(input_shape[1:]) not in accepted:
+        forms = ", ".join(shape_str(("n",) + a) for a in accepted)
+        raise ValueError(f"inputs of shape {shape_str(tuple(input_shape))} do not fit the run's "
+                         f"examples of shape {shape_str(example)}; expected {forms}")
+    input_dtype = np.dtype(input_dtype)
+    if input_dtype.kind not in "uif":
+        raise TypeError(f"inputs must be numbers (integer or float), got dtype {input_dtype}")
+    mean, std = np.float32(data["mean"]), np.float32(data["std"])
+
+    def preprocess(chunk: np.ndarray) -> np.ndarray:
+        chunk = np.asarray(chunk)
+        x = chunk / np.float32(255) if chunk.dtype == np.uint8 else chunk.astype(np.float32)
+        return ((x - mean) / std).reshape((len(chunk),) + example)
+
+    return preprocess
+
+
+def open_npy(path) -> np.ndarray:
+    """The array in the ``.npy`` file ``path``, memory-mapped read-only (nothing is read until
+    it is used), never unpickled.
+
+    Raises:
+      DataError: the file is missing, unreadable, not a ``.npy`` array (an ``.npz`` archive, a
+        pickle) or holds objects; the message names the file.
+    """
+    from jaxnet.data import DataError
+
+    where = Path(path).absolute()
+    try:
+        with where.open("rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":  # np.load would try pickle
+            raise ValueError(f"it starts with {magic!r}, not the .npy magic b'\\x93NUMPY'")
+        x = np.load(where, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise DataError(f"{where}: cannot read as a .npy array: {reason}") from None
+    if not isinstance(x, np.ndarray):
+        x.close()
+        raise DataError(f"{where}: an .npz archive, expected a single .npy array")
+    return x

@@ -180,6 +180,7 @@ class Dropout(Layer):
         if ctx.key is None:
             raise ValueError(f"{ctx.path}: Dropout in training mode needs a PRNG key: "
                              "call apply(params, x, key=jax.random.key(...), train=True)")
-        keep_rate = 1.0 - self.drop_rate
+        # apply_with_state(..., drop_rate=r) replaces the rate with a (traced) value.
+        keep_rate = 1.0 - (self.drop_rate if ctx.drop_rate is None else ctx.drop_rate)
         keep = jax.random.bernoulli(ctx.key, keep_rate, x.shape)
-        return jnp.where(keep, x / keep_rate, jnp.zeros_like(x)), state
+        return jnp.where(keep, x / jnp.asarray(keep_rate, x.dtype), jnp.zeros_like(x)), state

@@ -17,6 +17,16 @@ def _check_feature_axis(x, path: str) -> None:
                          f"got examples of shape {shape_str(x.shape[1:])}")
 
 
+def statistics_dtype(dtype):
+    """The dtype normalisation statistics are computed in: at least float32.
+
+    bfloat16 (8 significant bits) and float16 (11) round a mean or variance, and ``x - mean``,
+    too coarsely; a bfloat16 network normalises in float32 and rounds the result once.
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
+
+
 def _scale_and_bias(x, use_scale: bool, use_bias: bool) -> dict:
     features = x.shape[-1]
     params = {}
@@ -28,12 +38,16 @@ def _scale_and_bias(x, use_scale: bool, use_bias: bool) -> dict:
 
 
 def _normalise(x, mean, var, params, epsilon):
-    """``(x - mean) / sqrt(var + epsilon) * scale + bias``; statistics of shape ``(features,)`` or keepdims."""
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias``; statistics of shape ``(features,)`` or keepdims.
+
+    Computed in ``x``'s dtype (the statistics' dtype); scale and bias are cast to it (a no-op
+    unless a bfloat16 network normalises in float32).
+    """
     y = (x - broadcast_trailing(mean, x)) * broadcast_trailing(lax.rsqrt(var + epsilon), x)
     if "scale" in params:
-        y = y * broadcast_trailing(params["scale"], x)
+        y = y * broadcast_trailing(params["scale"].astype(x.dtype), x)
     if "bias" in params:
-        y = y + broadcast_trailing(params["bias"], x)
+        y = y + broadcast_trailing(params["bias"].astype(x.dtype), x)
     return y
 
 
@@ -41,8 +55,9 @@ def _normalise(x, mean, var, params, epsilon):
 class LayerNorm(Layer):
     """Normalises each position over its last axis, then scales and shifts.
 
-    Shapes: x ``(batch, ..., features)`` floating -> same shape;
-    params ``scale``, ``bias``: ``(features,)``.
+    Shapes: x ``(batch, ..., features)`` floating -> same shape and dtype;
+    params ``scale``, ``bias``: ``(features,)``. Statistics and normalisation are computed in
+    float32 for bfloat16 and float16 inputs, and the result rounded once.
     """
 
     epsilon: float = 1e-5
@@ -60,9 +75,10 @@ class LayerNorm(Layer):
         return _scale_and_bias(x, self.use_scale, self.use_bias), {}
 
     def _apply(self, params, state, x, ctx):
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.var(x, axis=-1, keepdims=True)
-        return _normalise(x, mean, var, params, self.epsilon), state
+        xs = x.astype(statistics_dtype(x.dtype))
+        mean = jnp.mean(xs, axis=-1, keepdims=True)
+        var = jnp.var(xs, axis=-1, keepdims=True)
+        return _normalise(xs, mean, var, params, self.epsilon).astype(x.dtype), state
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -79,8 +95,10 @@ class BatchNorm(Layer):
       axis_name: a ``jax.vmap``/``shard_map`` axis name to average statistics over,
         needed when examples are mapped one at a time (e.g. ``vmap(..., axis_name="batch")``).
 
-    Shapes: x ``(batch, ..., channels)`` -> same; params ``scale``, ``bias`` and state
-    ``mean``, ``var``: ``(channels,)``.
+    Shapes: x ``(batch, ..., channels)`` -> same shape and dtype; params ``scale``, ``bias``:
+    ``(channels,)`` in x's dtype; state ``mean``, ``var``: ``(channels,)`` in x's dtype, but at
+    least float32 (a bfloat16 network keeps float32 running statistics and computes its
+    statistics and normalisation in float32).
     """
 
     momentum: float = 0.9
@@ -104,19 +122,22 @@ class BatchNorm(Layer):
         require_floating(x, path)
         _check_feature_axis(x, path)
         features = x.shape[-1]
-        state = {"mean": jnp.zeros((features,), x.dtype), "var": jnp.ones((features,), x.dtype)}
+        dtype = statistics_dtype(x.dtype)
+        state = {"mean": jnp.zeros((features,), dtype), "var": jnp.ones((features,), dtype)}
         return _scale_and_bias(x, self.use_scale, self.use_bias), state
 
     def _apply(self, params, state, x, ctx):
+        xs = x.astype(statistics_dtype(x.dtype))
         if not ctx.train:
-            return _normalise(x, state["mean"], state["var"], params, self.epsilon), state
+            y = _normalise(xs, state["mean"], state["var"], params, self.epsilon)
+            return y.astype(x.dtype), state
         axes = tuple(range(x.ndim - 1))
         if self.axis_name is None:
-            mean, var = jnp.mean(x, axes), jnp.var(x, axes)
+            mean, var = jnp.mean(xs, axes), jnp.var(xs, axes)
         else:  # statistics over examples mapped one at a time
-            mean, mean_of_squares = lax.pmean((jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)),
+            mean, mean_of_squares = lax.pmean((jnp.mean(xs, axes), jnp.mean(jnp.square(xs), axes)),
                                               self.axis_name)
             var = jnp.maximum(mean_of_squares - jnp.square(mean), 0)
         new_state = {name: self.momentum * state[name] + (1 - self.momentum) * lax.stop_gradient(batch)
                      for name, batch in (("mean", mean), ("var", var))}
-        return _normalise(x, mean, var, params, self.epsilon), new_state
+        return _normalise(xs, mean, var, params, self.epsilon).astype(x.dtype), new_state

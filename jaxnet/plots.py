@@ -28,3 +28,32 @@ def plot_curves(history: list[dict], path, title: str = "") -> None:
     figure.tight_layout()
     figure.savefig(Path(path), dpi=100)
     plt.close(figure)
+
+
+def plot_population(history: list[dict], labels: list[str], path, title: str = "") -> None:
+    """Training loss (left) and test accuracy (right) of every member of a population by epoch.
+
+    Args:
+      history: ``fit_population``'s history (per-member lists).
+      labels: one legend label per member; members with the same label share a colour.
+    """
+    epochs = [record["epoch"] for record in history]
+    colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("train_loss", "test_accuracy")):
+        shown = set()
+        for i, label in enumerate(labels):
+            ax.plot(epochs, [record[key][i] for record in history], color=colours[label],
+                    alpha=0.7, linewidth=1, label=None if label in shown else label)
+            shown.add(label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    if len(colours) > 1:
+        axes[1].legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(Path(path), dpi=100)
+    plt.close(figure)

@@ -12,6 +12,7 @@ bit, as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -23,11 +24,13 @@ import jax.numpy as jnp
 import optax
 
 from jaxnet import data as datasets
+from jaxnet import data_parallel
 from jaxnet import models
 from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                restore_checkpoint, save_checkpoint)
 from jaxnet.core import Layer
 from jaxnet.plots import plot_curves
+from jaxnet.precision import TRAINING_PRECISIONS
 from jaxnet.tensorfile import atomic_write, load_params, save_params
 from jaxnet.train import ON_NAN, TrainState, fit, init_train_state
 
@@ -49,6 +52,7 @@ class RunConfig:
     hidden: tuple[int, ...] = (256, 256)
     activation: str = "relu"
     drop_rate: float = 0.0
+    init_scale: float = 1.0  # multiplies every initial parameter
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
@@ -60,6 +64,8 @@ class RunConfig:
     checkpoint_every: int = 0  # epochs between checkpoints in RUN_DIR/checkpoints; 0: none
     keep_checkpoints: int = 3  # the newest ones kept
     on_nan: str = "stop"  # or "skip": leave out the updates of batches with a non-finite loss
+    precision: str = "f32"  # or "bf16": float32 params and loss, bfloat16 forward pass
+    devices: int | None = None  # data parallel over this many devices per process; None: all
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))
@@ -73,9 +79,13 @@ class RunConfig:
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr!r}"),
             (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay!r}"),
             (0 <= self.drop_rate < 1, f"drop-rate must be in [0, 1), got {self.drop_rate!r}"),
+            (self.init_scale > 0 and math.isfinite(self.init_scale), f"init-scale must be a positive number, got {self.init_scale!r}"),
             (_is_count(self.checkpoint_every, 0), f"checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}"),
             (_is_count(self.keep_checkpoints, 1), f"keep-checkpoints must be a positive integer, got {self.keep_checkpoints!r}"),
             (self.on_nan in ON_NAN, f"on-nan must be one of {', '.join(ON_NAN)}; got {self.on_nan!r}"),
+            (self.precision in TRAINING_PRECISIONS, f"precision must be one of "
+             f"{', '.join(TRAINING_PRECISIONS)}; got {self.precision!r}"),
+            (self.devices is None or _is_count(self.devices, 1), f"devices must be a positive integer, got {self.devices!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -117,24 +127,45 @@ def build_model(config: RunConfig, num_classes: int) -> Layer:
     return models.mlp(config.hidden, num_classes, config.activation, config.drop_rate)
 
 
-def build_optimizer(config: RunConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The config's optimizer; its learning rate decays to 0 over the run with ``cosine``."""
-    lr = (optax.cosine_decay_schedule(config.lr, config.epochs * steps_per_epoch)
-          if config.schedule == "cosine" else config.lr)
-    wd = config.weight_decay
-    make = {
-        "adam": lambda: optax.adam(lr) if not wd else optax.chain(optax.add_decayed_weights(wd), optax.adam(lr)),
-        "adamw": lambda: optax.adamw(lr, weight_decay=wd),
-        "sgd": lambda: optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr)),
-        "momentum": lambda: optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9)),
-        "rmsprop": lambda: optax.chain(optax.add_decayed_weights(wd), optax.rmsprop(lr)),
-    }
-    return make[config.optimizer]()
+def _optimizer(name: str, learning_rate, weight_decay) -> optax.GradientTransformation:
+    """The named optimizer; weight decay is added to the gradient (decoupled for ``adamw``)."""
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=weight_decay)
+    make = {"adam": lambda: optax.adam(learning_rate), "sgd": lambda: optax.sgd(learning_rate),
+            "momentum": lambda: optax.sgd(learning_rate, momentum=0.9),
+            "rmsprop": lambda: optax.rmsprop(learning_rate)}[name]
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+        return make()
+    return optax.chain(optax.add_decayed_weights(weight_decay), make())
+
+
+def build_optimizer(config: RunConfig, steps_per_epoch: int, *,
+                    inject: bool = False) -> optax.GradientTransformation:
+    """The config's optimizer; its learning rate decays to 0 over the run with ``cosine``.
+
+    With ``inject``, the learning rate and weight decay are ``optax.inject_hyperparams`` values
+    held in the optimizer state (population training sets one per member) and the cosine decay
+    is a separate factor; the updates are the same.
+    """
+    total_steps, cosine = config.epochs * steps_per_epoch, config.schedule == "cosine"
+    if not inject:
+        lr = optax.cosine_decay_schedule(config.lr, total_steps) if cosine else config.lr
+        return _optimizer(config.optimizer, lr, config.weight_decay)
+    injected = optax.inject_hyperparams(functools.partial(_optimizer, config.optimizer))(
+        learning_rate=config.lr, weight_decay=config.weight_decay)
+    if not cosine:
+        return injected
+    return optax.chain(injected, optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, total_steps)))
 
 
 def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None = None, *,
           resume: bool = False) -> tuple[TrainState, list[dict], Layer, datasets.Dataset]:
     """Trains as ``config`` says; with ``out_dir``, writes the run directory as it goes.
+
+    Training is data-parallel over ``config.devices`` devices of each process (default: all;
+    see :mod:`jaxnet.data_parallel`). In a multi-process run (``data_parallel.initialize``
+    first) every process calls ``train`` alike and only process 0 writes ``out_dir``; resuming
+    reads it from every process, so it must be on a file system they share.
 
     Args:
       config: the run's settings.
@@ -158,10 +189,15 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
     if resume and (Path(out_dir) / "params.safetensors").exists():
         raise ValueError(f"{out_dir}: the run is finished (params.safetensors exists); nothing "
                          "to resume")
+    mesh = data_parallel.data_mesh(config.devices)  # several processes: process 0 writes files
+    writes = out_dir is not None and data_parallel.is_main_process()
     dataset, stats = load_data(config)
+    data_parallel.check_batch_size(mesh, min(config.batch_size, len(dataset.x_train)), "batch-size")
     net = build_model(config, dataset.num_classes)
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
     params, model_state = net.init_with_state(init_key, dataset.x_train[:1])
+    if config.init_scale != 1:
+        params = jax.tree.map(lambda p: p * jnp.asarray(config.init_scale, p.dtype), params)
     steps_per_epoch = math.ceil(len(dataset.x_train) / min(config.batch_size, len(dataset.x_train)))
     optimizer = build_optimizer(config, steps_per_epoch)
     state = init_train_state(net, optimizer, params, model_state=model_state, key=run_key)
@@ -171,16 +207,19 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
         if resume:
             _check_same_data(out_dir, dataset, stats)
             state, history = _restore_run(out_dir / "checkpoints", state, config)
-        else:
+        elif writes:
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_config(out_dir, config, dataset, stats)
+            write_config(out_dir, config, dataset, stats, mesh)
+    if writes:
         atomic_write(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
         on_epoch = _run_writer(out_dir, config, history)
     try:
         state, new = fit(net, state, optimizer, (dataset.x_train, dataset.y_train),
                          epochs=config.epochs, batch_size=config.batch_size,
-                         eval_data=(dataset.x_test, dataset.y_test), progress=progress,
-                         on_epoch=on_epoch, on_nan=config.on_nan)
+                         eval_data=(dataset.x_test, dataset.y_test),
+                         progress=progress if data_parallel.is_main_process() else False,
+                         on_epoch=on_epoch, on_nan=config.on_nan, precision=config.precision,
+                         mesh=mesh if mesh.size > 1 else None)  # one device: the plain path
     except FloatingPointError as error:
         if out_dir is None:
             raise
@@ -189,8 +228,8 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
                 "no checkpoint was written" + ("" if config.checkpoint_every else
                                                 " (checkpoint-every is 0)"))
         raise FloatingPointError(f"{error}; {kept}") from None
-    if out_dir is None:
-        history = new  # with a run directory, on_epoch has appended them
+    if not writes:
+        history = history + new  # when writing, on_epoch has appended them
     else:
         plot_curves(history, out_dir / "curves.png",
                     f"{config.model} on {config.dataset} ({config.activation})")
@@ -229,13 +268,21 @@ def _restore_run(checkpoints: Path, template: TrainState, config: RunConfig
         raise CheckpointError(f"{error}; to resume from the previous checkpoint instead, remove "
                               f"{checkpoint}") from None
     metadata = manifest["metadata"]
-    if metadata.get("config") != config.to_json():
+    if _saved_config(metadata.get("config")) != config:
         raise CheckpointError(f"{checkpoint}: written by a run with another config than "
                               f"{checkpoints.parent / 'config.json'}")
     history = metadata.get("history")
     if not (isinstance(history, list) and len(history) == metadata.get("epoch")):
         raise CheckpointError(f"{checkpoint}: the manifest's metadata lacks the run's history")
     return state, history
+
+
+def _saved_config(values) -> RunConfig | None:
+    """A config as saved by an earlier version too (options added since take their defaults)."""
+    try:
+        return RunConfig.from_dict(values)
+    except (ValueError, TypeError):
+        return None
 
 
 def read_config(run_dir: Path) -> tuple[RunConfig, dict]:
@@ -267,14 +314,22 @@ def _check_same_data(out_dir: Path, dataset: datasets.Dataset, stats: dict[str, 
 
 
 def write_config(out_dir: Path, config: RunConfig, dataset: datasets.Dataset,
-                 stats: dict[str, float]) -> None:
-    record = {
+                 stats: dict[str, float], mesh: jax.sharding.Mesh | None = None) -> None:
+    record = run_record(config, dataset, stats)
+    if mesh is not None:  # where it ran: devices, processes, platform (not part of the recipe)
+        record["mesh"] = data_parallel.describe(mesh)
+    atomic_write(out_dir / "config.json", json.dumps(record, indent=2).encode())
+
+
+def run_record(config: RunConfig, dataset: datasets.Dataset, stats: dict[str, float]) -> dict:
+    """What ``config.json`` records: the config, the data (shape, classes, standardisation) and
+    the versions."""
+    return {
         "config": config.to_json(),
         "data": _data_record(dataset, stats),
         "versions": {"jaxnet": _version(), "jax": jax.__version__, "optax": optax.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    atomic_write(out_dir / "config.json", json.dumps(record, indent=2).encode())
 
 
 def read_run(run_dir: Path) -> tuple[RunConfig, dict, Layer, dict]:

@@ -23,6 +23,8 @@ import optax
 
 from jaxnet.core import Layer, Params, State
 from jaxnet.losses import check_labels, softmax_cross_entropy
+from jaxnet.precision import (Policy, apply_with_policy, check_params, get_policy,
+                              get_training_policy)
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -108,7 +110,9 @@ ON_NAN = ("stop", "skip")
 
 def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn,
                 state: TrainState, x: jax.Array, y: jax.Array,
-                weights: jax.Array | None = None, on_nan: str = "stop") -> tuple[TrainState, Sums]:
+                weights: jax.Array | None = None, on_nan: str = "stop",
+                drop_rate: jax.Array | None = None,
+                precision: str | Policy | None = None) -> tuple[TrainState, Sums]:
     """One optimizer step on one batch (traceable; not jitted by itself).
 
     Args:
@@ -119,12 +123,18 @@ def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossF
         ``"skip"`` keeps params, model and optimizer state unchanged when the batch's loss is
         NaN or infinite (the step still counts), leaves the batch out of the sums and counts
         it in ``Sums.skipped``. Only ``"skip"`` compiles the check in.
+      drop_rate: optional float32 scalar replacing the network's dropout rates (see
+        ``Layer.apply_with_state``); population training passes one per member.
+      precision: ``None`` (no casts), ``"f32"``, ``"bf16"`` or a ``jaxnet.precision.Policy``:
+        the forward pass runs in the policy's compute dtype, the loss on float32 logits, and
+        the gradients and updates of the float32 params stay float32.
     """
+    policy = get_training_policy(precision, "train_batch")
     step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step) if net.needs_key else None
 
     def objective(params):
-        logits, model_state = net.apply_with_state(params, state.model_state, x, key=step_key,
-                                                   train=True)
+        logits, model_state = apply_with_policy(net, policy, params, state.model_state, x,
+                                                key=step_key, train=True, drop_rate=drop_rate)
         losses = loss(logits, y)
         if weights is None:
             mean = jnp.mean(losses)
@@ -151,14 +161,18 @@ def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossF
 
 
 def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
-                    loss: LossFn = softmax_cross_entropy):
+                    loss: LossFn = softmax_cross_entropy, *,
+                    precision: str | Policy | None = None):
     """A jitted ``step(state, x, y) -> (state, metrics)`` that donates ``state``'s buffers.
 
     ``metrics`` is ``{"loss": mean loss, "accuracy": fraction correct}`` (float32 scalars on the
-    device; reading them synchronises, so read them rarely).
+    device; reading them synchronises, so read them rarely). ``precision``: see
+    :func:`train_batch`.
     """
+    get_training_policy(precision, "make_train_step")  # an unknown name fails here, not at the first step
+
     def step(state, x, y):
-        state, sums = train_batch(net, optimizer, loss, state, x, y)
+        state, sums = train_batch(net, optimizer, loss, state, x, y, precision=precision)
         return state, {"loss": sums.loss / sums.count, "accuracy": sums.correct / sums.count}
 
     return jax.jit(step, donate_argnums=0)
@@ -191,13 +205,16 @@ def _batch_indices(order, num_batches: int, batch_size: int, numpy=jnp):
 
 def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn, n: int,
                batch_size: int, progress: Callable | None = None, progress_every: int = 0,
-               on_nan: str = "stop"):
+               on_nan: str = "stop", precision: str | Policy | None = None,
+               batch_sharding: jax.sharding.Sharding | None = None):
     """A function ``epoch(state, x, y, epoch_index) -> (state, Sums)`` training one shuffled epoch.
 
     It is meant to be jitted whole (``fit`` does so, donating ``state``). When ``progress`` is
     given, it is called on the host every ``progress_every`` steps with
-    ``(step_in_epoch, Sums so far)`` through ``jax.debug.callback``. ``on_nan`` is passed to
-    :func:`train_batch`.
+    ``(step_in_epoch, Sums so far)`` through ``jax.debug.callback``. ``on_nan`` and
+    ``precision`` are passed to :func:`train_batch`. ``batch_sharding`` (data parallel, see
+    :mod:`jaxnet.data_parallel`) lays out the gathered ``(batches, batch_size, ...)`` epoch so
+    that each batch is split over the devices.
     """
     num_batches, weights = _padded_batches(n, batch_size)
 
@@ -208,11 +225,14 @@ def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn
         # for small networks than gathering each batch inside the loop.
         xs = jnp.take(x, order, axis=0, mode="clip")  # (num_batches, batch_size, *example)
         ys = jnp.take(y, order, axis=0, mode="clip")
+        if batch_sharding is not None:  # each step's batch split over the devices
+            xs, ys = (jax.lax.with_sharding_constraint(a, batch_sharding) for a in (xs, ys))
 
         def body(carry, inputs):
             state, sums = carry
             i, xb, yb, batch_weights = inputs
-            state, batch = train_batch(net, optimizer, loss, state, xb, yb, batch_weights, on_nan)
+            state, batch = train_batch(net, optimizer, loss, state, xb, yb, batch_weights, on_nan,
+                                       precision=precision)
             sums = sums + batch
             if progress is not None:
                 jax.lax.cond((i + 1) % progress_every == 0,
@@ -227,8 +247,16 @@ def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn
     return epoch, num_batches
 
 
-def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int):
-    """A function ``evaluate(params, model_state, x, y) -> Sums`` over all ``n`` examples in fixed batches."""
+def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int,
+                  precision: str | Policy | None = None,
+                  batch_sharding: jax.sharding.Sharding | None = None):
+    """A function ``evaluate(params, model_state, x, y) -> Sums`` over all ``n`` examples in fixed batches.
+
+    ``precision``: the forward pass's policy (see :mod:`jaxnet.precision`); the loss is computed
+    on its output dtype (float32 logits). ``batch_sharding``: how each batch is split over the
+    devices (data parallel).
+    """
+    policy = get_policy(precision)
     num_batches, weights = _padded_batches(n, batch_size)
     indices = _batch_indices(np.arange(n), num_batches, batch_size, numpy=np)
 
@@ -236,7 +264,9 @@ def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int):
         def body(sums, inputs):
             batch_indices, batch_weights = inputs
             xb, yb = jnp.take(x, batch_indices, axis=0), jnp.take(y, batch_indices, axis=0)
-            logits, _ = net.apply_with_state(params, model_state, xb)
+            if batch_sharding is not None:
+                xb, yb = (jax.lax.with_sharding_constraint(a, batch_sharding) for a in (xb, yb))
+            logits, _ = apply_with_policy(net, policy, params, model_state, xb)
             batch = batch_sums(logits, yb, loss(logits, yb), batch_weights)
             return sums + batch, None
 
@@ -247,24 +277,29 @@ def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int):
 
 
 def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: State | None = None,
-             loss: LossFn = softmax_cross_entropy, batch_size: int = 1024) -> dict[str, float]:
+             loss: LossFn = softmax_cross_entropy, batch_size: int = 1024,
+             precision: str | Policy | None = None) -> dict[str, float]:
     """Mean loss and accuracy of ``net`` on ``data = (x, y)``, in evaluation mode.
 
     Args:
       data: ``x: (n, *example)``, ``y: (n,)`` integer labels (or targets for other losses).
       batch_size: examples per compiled batch; the last batch is padded and masked.
+      precision: the forward pass's policy: ``None`` (no casts), ``"f32"``, ``"bf16"``,
+        ``"f16"`` or a ``jaxnet.precision.Policy``.
 
     Returns:
       ``{"loss": float, "accuracy": float}``.
     """
     x, y = map(jnp.asarray, data)
     _check_data(net, params, x, y, "data")
+    check_params(get_policy(precision), params, "evaluate")
     if model_state is None:
         if net.has_state:
             raise ValueError("evaluate: this network keeps state (e.g. BatchNorm statistics); pass "
                              "the trained model_state (TrainState.model_state)")
         model_state = {}
-    fn = jax.jit(make_evaluate(net, loss, x.shape[0], min(batch_size, x.shape[0])))
+    fn = jax.jit(make_evaluate(net, loss, x.shape[0], min(batch_size, x.shape[0]),
+                               precision=precision))
     return fn(params, model_state, x, y).means()
 
 
@@ -293,7 +328,9 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         model_state: State | None = None, key: jax.Array | None = None,
         eval_batch_size: int = 1024, progress: bool | None = None, progress_every: int | None = None,
         on_epoch: Callable[[dict, TrainState], None] | None = None,
-        on_nan: str = "stop") -> tuple[TrainState, list[dict]]:
+        on_nan: str = "stop",
+        precision: str | Policy | None = None,
+        mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, list[dict]]:
     """Trains ``net`` with each epoch compiled into one program that runs on the device.
 
     Args:
@@ -318,6 +355,14 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         ``"skip"`` skips the update of every batch with a non-finite loss inside the compiled
         step and reports ``skipped_batches`` per epoch (it stops only when a whole epoch is
         skipped).
+      precision: ``None`` (default: no casts), ``"f32"``, ``"bf16"`` or a
+        ``jaxnet.precision.Policy``: forward passes (training and evaluation) in its compute
+        dtype, params, gradients, optimizer state and loss in float32.
+      mesh: train data-parallel on this 1-D ``"data"`` mesh
+        (:func:`jaxnet.data_parallel.data_mesh`): each batch is split over its devices, the
+        state is replicated, and XLA inserts the gradient all-reduce. ``batch_size`` must be a multiple of the number of devices. In a
+        multi-process run every process calls ``fit`` with the same data; each places only its
+        block of rows. Results equal a one-device run's up to float rounding.
 
     Returns:
       ``(state, history)``: the final ``TrainState`` and one dict per epoch with ``epoch,
@@ -327,6 +372,7 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
     Raises:
       FloatingPointError: the training loss became NaN or infinite (names the epoch and steps).
     """
+    from jaxnet import data_parallel as parallel
     from jaxnet.progress import make_progress
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -335,7 +381,9 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         raise ValueError(f"fit: batch_size must be a positive integer, got {batch_size!r}")
     if on_nan not in ON_NAN:
         raise ValueError(f"fit: on_nan must be one of {', '.join(ON_NAN)}; got {on_nan!r}")
-    x, y = map(jnp.asarray, train_data)
+    policy = get_training_policy(precision, "fit")
+    check_params(policy, params.params if isinstance(params, TrainState) else params, "fit")
+    x, y = map(jnp.asarray if mesh is None else np.asarray, train_data)  # a mesh: placed below
     n = x.shape[0]
     _check_data(net, params.params if isinstance(params, TrainState) else params, x, y,
                 "train_data")
@@ -347,19 +395,33 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         state = init_train_state(net, optimizer, params, model_state=model_state, key=key)
     state = jax.tree.map(jnp.copy, state)  # the epochs donate it; the caller's arrays stay valid
     batch_size = min(batch_size, n)
+    shardings, epoch_layout, eval_layout = {}, None, None
+    if mesh is not None:  # data parallel; the layout is described in jaxnet/data_parallel.py
+        parallel.check_batch_size(mesh, batch_size, "fit: batch_size")
+        x, y = parallel.place_rows(mesh, x), parallel.place_rows(mesh, y)
+        state = parallel.replicate(mesh, state)
+        shardings = {"out_shardings": parallel.replicated(mesh)}
+        epoch_layout, eval_layout = parallel.row_sharding(mesh, 1), parallel.row_sharding(mesh)
     steps_per_epoch = max(math.ceil(n / batch_size), 1)
     progress_every = progress_every or max(steps_per_epoch // 50, 1)
     reporter = make_progress(progress, epochs, steps_per_epoch)
     epoch_fn, _ = make_epoch(net, optimizer, loss, n, batch_size,
-                             reporter.update if reporter.active else None, progress_every, on_nan)
+                             reporter.update if reporter.active else None, progress_every, on_nan,
+                             precision=policy, batch_sharding=epoch_layout)
 
     start = time.perf_counter()
-    run_epoch = jax.jit(epoch_fn, donate_argnums=0).lower(state, x, y, jnp.int32(0)).compile()
+    run_epoch = jax.jit(epoch_fn, donate_argnums=0, **shardings).lower(
+        state, x, y, jnp.int32(0)).compile()
     if eval_data is not None:
-        x_eval, y_eval = map(jnp.asarray, eval_data)
+        x_eval, y_eval = map(jnp.asarray if mesh is None else np.asarray, eval_data)
         _check_data(net, state.params, x_eval, y_eval, "eval_data")
-        run_eval = jax.jit(make_evaluate(net, loss, x_eval.shape[0],
-                                         min(eval_batch_size, x_eval.shape[0]))).lower(
+        eval_size = min(eval_batch_size, x_eval.shape[0])
+        if mesh is not None:  # whole on every device; each batch split over them (masked padding)
+            x_eval, y_eval = parallel.replicate(mesh, (x_eval, y_eval))
+            eval_size = parallel.round_up_to_devices(mesh, eval_size)
+        run_eval = jax.jit(make_evaluate(net, loss, x_eval.shape[0], eval_size,
+                                         precision=policy, batch_sharding=eval_layout),
+                           **shardings).lower(
             state.params, state.model_state, x_eval, y_eval).compile()
     compile_seconds = time.perf_counter() - start
 

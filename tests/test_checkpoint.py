@@ -409,6 +409,28 @@ def test_a_run_interrupted_after_a_checkpoint_resumes_to_the_same_bits(tmp_path,
         run.train(config, interrupted, progress=False, resume=True)
 
 
+def test_a_checkpoint_saved_before_newer_options_existed_resumes(tmp_path, monkeypatch):
+    """Options added later (precision, devices, init_scale) take their defaults on resume."""
+    config = run.RunConfig(**FAST)
+    real_save = run.save_checkpoint
+
+    def older_version(directory, state, **kwargs):
+        saved = kwargs["metadata"]["config"]
+        kwargs["metadata"]["config"] = {k: v for k, v in saved.items()
+                                        if k not in ("precision", "devices", "init_scale")}
+        if kwargs["metadata"]["epoch"] == 3:
+            raise KeyboardInterrupt
+        return real_save(directory, state, **kwargs)
+
+    monkeypatch.setattr(run, "save_checkpoint", older_version)
+    with pytest.raises(KeyboardInterrupt):
+        run.train(config, tmp_path, progress=False)
+    monkeypatch.undo()
+    _, history, _, _ = run.train(config, tmp_path, progress=False, resume=True)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert (tmp_path / "params.safetensors").is_file()
+
+
 def test_a_nan_run_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     config = run.RunConfig(**{**FAST, "epochs": 5})
     steps_per_epoch = 23  # 1438 digits in batches of 64

@@ -1,5 +1,3 @@
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,30 +7,7 @@ import pytest
 import jaxnet as jn
 from jaxnet import train
 from jaxnet.losses import softmax_cross_entropy
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compilations inside the block."""
-    count = [0]
-
-    def listener(name, duration, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
-def blobs(rng, n=200, classes=3, features=5):
-    """Linearly separable-ish clusters: a known problem an MLP must learn."""
-    centers = rng.normal(size=(classes, features)) * 3
-    labels = rng.integers(0, classes, size=n)
-    x = centers[labels] + rng.normal(size=(n, features))
-    return x.astype(np.float32), labels.astype(np.int32)
+from support import blobs, count_compiles
 
 
 def small_mlp(classes=3):

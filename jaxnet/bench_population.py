@@ -1,0 +1,99 @@
+"""W4: a population of 16 tiny MLPs (the W2 network, 64-32-10, batch 32), 200 steps each.
+
+The unit of work is one step of every member. Variants, the first being the reference:
+
+- raw-JAX donated step, members one after another, in a Python loop;
+- the raw step under ``jax.vmap`` over the members, in a Python loop;
+- jaxnet's train step, members one after another, in a Python loop;
+- jaxnet's ``fit`` epoch program (the device loop), members one after another;
+- jaxnet's population epoch (``fit_population``): every member in one program, with one shared
+  data order and with each member's own order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnet.bench import Variant, _raw_update, loop_variant, mlp, raw_apply, raw_init
+from jaxnet.losses import softmax_cross_entropy
+from jaxnet.population import init_population, make_population_epoch
+from jaxnet.train import make_epoch, make_train_step
+
+SIZES, BATCH = (64, 32, 10), 32
+
+
+def _data(steps: int):
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (steps * BATCH, SIZES[0]), jnp.float32)
+    y = jax.random.randint(key, (steps * BATCH,), 0, SIZES[-1])
+    return x, y
+
+
+def _sequential(name: str, step, states: list, steps: int) -> Variant:
+    """``steps`` calls of ``step`` for each member in turn; one call of ``run`` per ``steps`` units."""
+    def one_round(states):
+        out = []
+        for s in states:
+            for _ in range(steps):
+                s = step(s)
+            out.append(s)
+        return out
+
+    return loop_variant(name, one_round, states, units_per_call=steps)
+
+
+def population_variants(members: int = 16, steps: int = 200) -> list[Variant]:
+    """The W4 variants; ``run(k)`` trains every member for ``k`` steps (``k`` a multiple of ``steps``)."""
+    x, y = _data(steps)
+    xb, yb = x[:BATCH], y[:BATCH]
+    lrs = np.geomspace(1e-3, 1e-2, members)
+    keys = jax.random.split(jax.random.key(0), members)
+
+    raw_update = functools.partial(_raw_update, optax.adam(1e-3), raw_apply)
+    raw_step = jax.jit(raw_update, donate_argnums=(0, 1))
+    raw_states = [(p, optax.adam(1e-3).init(p)) for p in (raw_init(k, SIZES) for k in keys)]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *raw_states)
+    variants = [_sequential(f"raw-jax step loop, {members} one after another",
+                            lambda s: raw_step(*s, xb, yb)[:2], raw_states, steps)]
+    vmapped = jax.jit(jax.vmap(raw_update, (0, 0, None, None)), donate_argnums=(0, 1))
+    variants.append(loop_variant("raw-jax vmap of the step, step loop",
+                                 lambda s: vmapped(*s, xb, yb)[:2], stacked, units_per_call=1))
+
+    net = mlp(SIZES)
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+    population = init_population(net, optimizer, x[:1], seeds=list(range(members)),
+                                 hyperparams={"learning_rate": lrs})
+    member_states = [population.member(i) for i in range(members)]
+    jn_step = make_train_step(net, optimizer)
+    variants.append(_sequential(f"jaxnet train step loop, {members} one after another",
+                                lambda s: jn_step(s, xb, yb)[0],
+                                [jax.tree.map(jnp.copy, s) for s in member_states], steps))
+
+    epoch_fn, _ = make_epoch(net, optimizer, softmax_cross_entropy, x.shape[0], BATCH)
+    epoch = jax.jit(epoch_fn, donate_argnums=0)
+
+    def fit_round(states):
+        return [epoch(s, x, y, jnp.int32(0))[0] for s in states]
+
+    variants.append(loop_variant(f"jaxnet fit (device loop), {members} one after another",
+                                 fit_round, [jax.tree.map(jnp.copy, s) for s in member_states],
+                                 units_per_call=steps))
+    for shared in (True, False):
+        population_epoch, _ = make_population_epoch(net, optimizer, softmax_cross_entropy,
+                                                     x.shape[0], BATCH, shared_order=shared)
+        run = jax.jit(population_epoch, donate_argnums=0)
+        variants.append(loop_variant(
+            f"jaxnet population, {'shared' if shared else 'own'} data order",
+            lambda p, run=run: run(p, x, y, jnp.int32(0))[0], jax.tree.map(jnp.copy, population),
+            units_per_call=steps))
+    return variants
+
+
+def flops_per_unit(members: int = 16) -> float:
+    """Training FLOPs of one step of every member (3x the forward pass's matrix products)."""
+    return 6 * BATCH * members * sum(m * n for m, n in zip(SIZES[:-1], SIZES[1:]))

@@ -1,0 +1,371 @@
+"""Population training: K networks trained at once, in one compiled program, by ``vmap``.
+
+A population is K ``TrainState``s stacked on a leading member axis. Members differ in seed
+(initialisation, dropout, and data order), in optimizer hyperparameters held in the optimizer
+state (``optax.inject_hyperparams``: learning rate, weight decay, ...), in dropout rate and in
+initial scale. All of these are arrays in the state, so new values never recompile.
+
+Each epoch is one ``lax.scan`` over batches whose body is the ``vmap`` of
+:func:`jaxnet.train.train_batch` over the members: the members' small matrix products become
+batched ones, which is what makes many tiny networks fast on a CPU (one program, one dispatch
+per epoch). A member whose loss becomes NaN keeps training (as NaN) without disturbing the
+others: a sweep is expected to contain learning rates that diverge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnet.core import Layer, call_layer
+from jaxnet.losses import softmax_cross_entropy
+from jaxnet.progress import make_progress
+from jaxnet.train import (LossFn, Sums, TrainState, _batch_indices, _check_data, _padded_batches,
+                          init_train_state, make_evaluate, shuffled_order, train_batch)
+
+
+EPOCH_COPY_BYTES = 256 * 2**20  # largest shuffled copy of the epoch gathered at once
+
+
+class Population(NamedTuple):
+    """K training states on a leading member axis; a pytree.
+
+    Attributes:
+      members: a ``TrainState`` whose every leaf has a leading ``(K,)`` axis.
+      drop_rate: ``(K,)`` float32 dropout rates replacing the network's own, or ``None``.
+    """
+
+    members: TrainState
+    drop_rate: jax.Array | None = None
+
+    @property
+    def size(self) -> int:
+        """K, the number of members."""
+        return self.members.step.shape[0]
+
+    def member(self, i: int) -> TrainState:
+        """Member ``i``'s ``TrainState`` (usable with ``fit``, ``predict``, checkpoints)."""
+        if not -self.size <= i < self.size:
+            raise IndexError(f"Population.member: index {i} out of range for {self.size} members")
+        return jax.tree.map(lambda leaf: leaf[i], self.members)
+
+
+def set_hyperparams(opt_state: optax.OptState, values: Mapping[str, Any]) -> optax.OptState:
+    """``opt_state`` with the named ``optax.inject_hyperparams`` values replaced.
+
+    Args:
+      opt_state: the state of an optimizer built with ``optax.inject_hyperparams``
+        (possibly inside ``optax.chain``).
+      values: hyperparameter name to value (a scalar, or traced under ``vmap``).
+
+    Raises:
+      ValueError: a name is not an injected hyperparameter of this optimizer; the message
+        lists the ones it has.
+    """
+    is_injected = lambda node: isinstance(node, optax.InjectStatefulHyperparamsState)
+    found: set[str] = set()
+
+    def replace(node):
+        if not is_injected(node):
+            return node
+        hyperparams = dict(node.hyperparams)
+        for name in set(values) & set(hyperparams):
+            hyperparams[name] = jnp.asarray(values[name], hyperparams[name].dtype)
+            found.add(name)
+        return node._replace(hyperparams=hyperparams)
+
+    new_state = jax.tree.map(replace, opt_state, is_leaf=is_injected)
+    if missing := sorted(set(values) - found):
+        available = sorted({name for node in jax.tree.leaves(opt_state, is_leaf=is_injected)
+                            if is_injected(node) for name in node.hyperparams})
+        raise ValueError(
+            f"set_hyperparams: {missing} not injected hyperparameters of this optimizer "
+            f"(available: {available or 'none; build it with optax.inject_hyperparams'})")
+    return new_state
+
+
+def _member_values(name: str, values, size: int) -> jax.Array:
+    array = np.asarray(values, np.float32)
+    if array.shape != (size,):
+        raise ValueError(f"init_population: {name} needs one value per member, shape ({size},); "
+                         f"got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"init_population: {name} has values that are not finite: {array.tolist()}")
+    return jnp.asarray(array)
+
+
+def init_population(net: Layer, optimizer: optax.GradientTransformation, x, *,
+                    seeds: Sequence[int], hyperparams: Mapping[str, Sequence[float]] | None = None,
+                    drop_rate: Sequence[float] | None = None,
+                    init_scale: Sequence[float] | None = None) -> Population:
+    """K fresh members at step 0, initialised in one compiled program.
+
+    Member ``i`` is what ``jaxnet.run.train`` starts from with ``seed=seeds[i]``: its init key
+    and run key are ``jax.random.split(jax.random.key(seeds[i]))``.
+
+    Args:
+      net: the network.
+      optimizer: an optax transformation; per-member values need it built with
+        ``optax.inject_hyperparams`` (e.g. ``inject_hyperparams(optax.adamw)(learning_rate=1e-3,
+        weight_decay=0.0)``).
+      x: an example batch (``x_train[:1]``), its shape, or a ``jax.ShapeDtypeStruct``.
+      seeds: K integer seeds, one per member (repeats allowed: a hyperparameter sweep at one seed).
+      hyperparams: injected hyperparameter name to K values.
+      drop_rate: K dropout rates in ``[0, 1)`` replacing those of the network's Dropout layers
+        (which must be built with a nonzero rate for the override to take effect).
+      init_scale: K factors multiplying every initial parameter of each member.
+
+    Returns:
+      A :class:`Population` of K members.
+    """
+    seeds = np.asarray(seeds)
+    if seeds.ndim != 1 or seeds.size == 0 or not np.issubdtype(seeds.dtype, np.integer):
+        raise ValueError(f"init_population: seeds must be a non-empty list of integers; got "
+                         f"{seeds.tolist()!r}")
+    size = seeds.size
+    values = {name: _member_values(name, v, size) for name, v in (hyperparams or {}).items()}
+    scale = None if init_scale is None else _member_values("init_scale", init_scale, size)
+    rates = None if drop_rate is None else _member_values("drop_rate", drop_rate, size)
+    if rates is not None and not bool(jnp.all((rates >= 0) & (rates < 1))):
+        raise ValueError(f"init_population: drop_rate values must be in [0, 1); got {rates.tolist()}")
+    set_hyperparams(jax.eval_shape(optimizer.init, net.init(jax.random.key(0), x)),
+                    {name: 0.0 for name in values})  # a clear error before compiling
+
+    def one(seed, hyper, factor):
+        init_key, run_key = jax.random.split(jax.random.key(seed))
+        params, model_state = net.init_with_state(init_key, x)
+        if factor is not None:
+            params = jax.tree.map(lambda p: p * factor.astype(p.dtype), params)
+        state = init_train_state(net, optimizer, params, model_state=model_state, key=run_key)
+        return state._replace(opt_state=set_hyperparams(state.opt_state, hyper))
+
+    members = jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32), values, scale)
+    return Population(members, rates)
+
+
+def make_population_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn,
+                          n: int, batch_size: int, *, shared_order: bool = True,
+                          progress: Callable | None = None, progress_every: int = 0,
+                          precision: str | None = None):
+    """A function ``epoch(population, x, y, epoch_index) -> (population, Sums)`` for K members.
+
+    The returned ``Sums`` hold ``(K,)`` arrays, one entry per member. With ``shared_order`` all
+    members see the batches in member 0's order (one gather of the epoch); otherwise each member
+    shuffles with its own key, as it would alone, at the cost of K gathered copies of the epoch.
+    ``progress`` is called on the host every ``progress_every`` steps with the step in the epoch
+    and the sums over all members (NaN losses left out). When the shuffled copies of the epoch
+    would take more than ``EPOCH_COPY_BYTES``, each step gathers its own batches instead.
+    ``precision`` is passed to :func:`jaxnet.train.train_batch`.
+    """
+    num_batches, weights = _padded_batches(n, batch_size)
+    member_epoch_order = lambda key, e: _batch_indices(
+        shuffled_order(jax.random.fold_in(jax.random.fold_in(key, 0), e), n), num_batches,
+        batch_size)
+
+    def epoch(population, x, y, epoch_index):
+        members, rates = population
+        size = members.step.shape[0]
+        if shared_order:
+            order = member_epoch_order(members.key[0], epoch_index)  # (batches, batch)
+        else:  # (batches, K, batch)
+            order = jnp.swapaxes(jax.vmap(member_epoch_order, (0, None))(members.key, epoch_index), 0, 1)
+        take = lambda indices: (jnp.take(x, indices, axis=0, mode="clip"),
+                                jnp.take(y, indices, axis=0, mode="clip"))
+        epoch_bytes = order.size * math.prod(x.shape[1:]) * x.dtype.itemsize
+        if epoch_bytes <= EPOCH_COPY_BYTES:  # one gather of the whole epoch (fast), as in fit
+            batches, fetch = take(order), lambda batch: batch
+        else:  # K shuffled copies would not fit comfortably: gather each step's batches
+            batches, fetch = order, take
+        data_axis = None if shared_order else 0
+        step = jax.vmap(lambda state, xb, yb, w, rate: train_batch(
+            net, optimizer, loss, state, xb, yb, w, drop_rate=rate, precision=precision),
+            in_axes=(0, data_axis, data_axis, None, 0))
+
+        def body(carry, inputs):
+            members, sums = carry
+            i, batch, batch_weights = inputs
+            members, batch = step(members, *fetch(batch), batch_weights, rates)
+            sums = sums + batch
+            if progress is not None:
+                jax.lax.cond((i + 1) % progress_every == 0,
+                             lambda: jax.debug.callback(progress, i + 1, _pooled(sums)),
+                             lambda: None)
+            return (members, sums), None
+
+        zeros = Sums(*(jnp.zeros((size,), jnp.float32) for _ in range(3)))
+        inputs = (jnp.arange(num_batches, dtype=jnp.int32), batches,
+                  None if weights is None else jnp.asarray(weights))
+        (members, sums), _ = jax.lax.scan(body, (members, zeros), inputs)
+        return Population(members, rates), sums
+
+    return epoch, num_batches
+
+
+def _pooled(sums: Sums) -> Sums:
+    """Sums over the members whose loss is finite (for the progress bar)."""
+    finite = jnp.isfinite(sums.loss)
+    return Sums(*(jnp.sum(jnp.where(finite, s, 0.0)) for s in sums[:3]))
+
+
+def _per_member(sums: Sums) -> dict[str, list[float]]:
+    count = np.maximum(np.asarray(sums.count, np.float64), 1.0)
+    return {"loss": (np.asarray(sums.loss, np.float64) / count).tolist(),
+            "accuracy": (np.asarray(sums.correct, np.float64) / count).tolist()}
+
+
+def fit_population(net: Layer, population: Population, optimizer: optax.GradientTransformation,
+                   train_data: tuple[Any, Any], *, epochs: int, batch_size: int = 128,
+                   loss: LossFn = softmax_cross_entropy, eval_data: tuple[Any, Any] | None = None,
+                   shared_order: bool = True, eval_batch_size: int = 1024,
+                   progress: bool | None = None, progress_every: int | None = None,
+                   on_epoch: Callable[[dict, Population], None] | None = None,
+                   precision: str | None = None) -> tuple[Population, list[dict]]:
+    """Trains every member of ``population``, each epoch one compiled program for all of them.
+
+    Args:
+      net: the network every member shares.
+      population: from :func:`init_population` (or a previous ``fit_population``; then
+        ``epochs`` counts the epochs already done).
+      optimizer: the optimizer ``population`` was initialised with.
+      train_data: ``(x, y)`` with ``x (n, *example)``, ``y (n,)``; shared by all members.
+      epochs: total number of epochs.
+      batch_size: examples per step for each member (capped at ``n``).
+      loss: per-example loss ``(logits, y) -> (batch,)``.
+      eval_data: optional held-out ``(x, y)``, evaluated for every member after each epoch.
+      shared_order: all members see the same batches (member 0's shuffle); ``False`` shuffles
+        each member with its own key, exactly as ``fit`` would train it alone.
+      eval_batch_size: examples per compiled evaluation batch.
+      progress: show a progress bar (default: when stderr is a terminal).
+      progress_every: steps between progress updates (default: ~50 per epoch).
+      on_epoch: called as ``on_epoch(record, population)`` after each epoch.
+      precision: ``None``, ``"f32"`` or ``"bf16"``, as in :func:`jaxnet.train.fit`.
+
+    Returns:
+      ``(population, history)``: one dict per epoch with ``epoch``, per-member lists
+      ``train_loss, train_accuracy[, test_loss, test_accuracy]`` (length K; NaN for a
+      member that diverged), ``seconds`` and ``examples_per_second`` (over all members);
+      the first also has ``compile_seconds``.
+    """
+    x, y = map(jnp.asarray, train_data)
+    first = population.member(0)
+    _check_data(net, first.params, x, y, "train_data")
+    n = x.shape[0]
+    batch_size = min(batch_size, n)
+    steps_per_epoch = math.ceil(n / batch_size)
+    done, rest = divmod(int(first.step), steps_per_epoch)
+    if rest or bool(jnp.any(population.members.step != first.step)):
+        raise ValueError(f"fit_population: the members must all be at one epoch boundary "
+                         f"({steps_per_epoch} steps per epoch); steps are "
+                         f"{np.asarray(population.members.step).tolist()}")
+    progress_every = progress_every or max(steps_per_epoch // 50, 1)
+    reporter = make_progress(progress, epochs, steps_per_epoch)
+    epoch_fn, _ = make_population_epoch(
+        net, optimizer, loss, n, batch_size, shared_order=shared_order,
+        progress=reporter.update if reporter.active else None, progress_every=progress_every,
+        precision=precision)
+    population = jax.tree.map(jnp.copy, population)  # the epochs donate it
+
+    start = time.perf_counter()
+    run_epoch = jax.jit(epoch_fn, donate_argnums=0).lower(population, x, y, jnp.int32(0)).compile()
+    if eval_data is not None:
+        x_eval, y_eval = map(jnp.asarray, eval_data)
+        _check_data(net, first.params, x_eval, y_eval, "eval_data")
+        evaluate = make_evaluate(net, loss, x_eval.shape[0], min(eval_batch_size, x_eval.shape[0]),
+                                 precision=precision)
+        run_eval = jax.jit(jax.vmap(evaluate, (0, 0, None, None))).lower(
+            population.members.params, population.members.model_state, x_eval, y_eval).compile()
+    compile_seconds = time.perf_counter() - start
+
+    history = []
+    with reporter:
+        for epoch in range(done, epochs):
+            reporter.start_epoch(epoch + 1)
+            start = time.perf_counter()
+            population, sums = run_epoch(population, x, y, jnp.int32(epoch))
+            train = _per_member(sums)  # waits for the epoch
+            train_seconds = time.perf_counter() - start
+            record = {"epoch": epoch + 1, "train_loss": train["loss"],
+                      "train_accuracy": train["accuracy"]}
+            if eval_data is not None:
+                test = _per_member(run_eval(population.members.params,
+                                            population.members.model_state, x_eval, y_eval))
+                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            record.update(seconds=time.perf_counter() - start,
+                          examples_per_second=n * population.size / train_seconds)
+            if not history:
+                record["compile_seconds"] = compile_seconds
+            history.append(record)
+            reporter.end_epoch(_summary_record(record))
+            if on_epoch is not None:
+                on_epoch(record, population)
+    return population, history
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = np.asarray(values)[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _summary_record(record: dict) -> dict:
+    """The epoch's record with each metric the mean over members with finite values (for the bar)."""
+    return {k: _finite_mean(v) if isinstance(v, list) else v for k, v in record.items()}
+
+
+def best_member(history: list[dict], metric: str = "test_accuracy") -> int:
+    """Index of the member with the best final ``metric`` (highest accuracy, lowest loss).
+
+    Members whose final value is NaN are never chosen.
+
+    Raises:
+      ValueError: ``metric`` is not in the history, or every member's value is NaN.
+    """
+    if not history or metric not in history[-1]:
+        have = sorted(k for k, v in (history[-1] if history else {}).items() if isinstance(v, list))
+        raise ValueError(f"best_member: no per-member {metric!r} in the history (has {have})")
+    values = np.asarray(history[-1][metric], np.float64)
+    if not np.isfinite(values).any():
+        raise ValueError(f"best_member: every member's final {metric} is NaN or infinite")
+    signed = values if "accuracy" in metric else -values
+    return int(np.nanargmax(np.where(np.isfinite(signed), signed, np.nan)))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Ensemble(Layer):
+    """``members`` copies of ``net`` whose class probabilities are averaged.
+
+    Params (and state) are ``net``'s with a leading ``(members,)`` axis, as in
+    ``Population.members.params``. The output is ``log(mean_k softmax(net_k(x)))``, shape
+    ``(*batch, classes)``: log-probabilities, so they serve as logits (``softmax`` of them is
+    the mean probability, ``argmax`` the ensemble's prediction, cross-entropy the ensemble's
+    negative log-likelihood). ``jaxnet.predict(Ensemble(net, K), population.members.params, x,
+    proba=True)`` is the ensemble's prediction.
+    """
+
+    net: Layer
+    members: int
+    kind: ClassVar[str] = "ensemble"
+
+    def __post_init__(self):
+        if not isinstance(self.members, int) or self.members < 1:
+            raise ValueError(f"Ensemble: members must be a positive integer, got {self.members!r}")
+
+    def children(self):
+        return (("", self.net),)
+
+    def _init(self, key, x, path):
+        keys = jax.random.split(key, self.members)
+        return jax.vmap(lambda k: self.net._init(k, x, path))(keys)
+
+    def _apply(self, params, state, x, ctx):
+        keys = jax.random.split(ctx.key, self.members) if ctx.train and ctx.key is not None else None
+        logits, new_state = jax.vmap(
+            lambda p, s, k: call_layer(self.net, p, s, x, ctx._replace(key=k)))(params, state, keys)
+        log_mean = jax.nn.logsumexp(jax.nn.log_softmax(logits, axis=-1), axis=0)
+        return log_mean - math.log(self.members), new_state

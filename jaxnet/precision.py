@@ -1,0 +1,171 @@
+"""Mixed precision: parameters kept in float32, the forward pass in bfloat16, the loss in float32.
+
+A :class:`Policy` names three dtypes. :func:`apply_with_policy` casts the float32 parameters and
+the floating inputs to the compute dtype, runs the network, and casts its output (the logits) to
+the output dtype, so the softmax and the loss see float32. Gradients reach the float32
+parameters through the casts (the VJP of a cast is the cast back), so the optimizer updates a
+float32 master copy and its state stays float32. Normalisation layers compute their statistics
+in float32 whatever the compute dtype (``jaxnet/norm.py``), and BatchNorm keeps its running
+statistics in float32.
+
+Named policies:
+
+* ``"f32"``: everything float32. For float32 parameters and inputs every cast is a no-op, so the
+  compiled program is exactly the one without a policy.
+* ``"bf16"``: float32 parameters, bfloat16 compute, float32 logits. bfloat16 has float32's
+  exponent range, so gradients neither underflow nor overflow and need no loss scaling.
+* ``"f16"``: float32 parameters, float16 compute, float32 logits; for evaluation and prediction
+  only. float16's small range makes small gradients underflow to zero unless the loss is scaled,
+  which jaxnet does not implement, so training refuses it (use ``"bf16"``).
+
+Example:
+  >>> policy = get_policy("bf16")
+  >>> logits, _ = apply_with_policy(net, policy, params, {}, x)   # logits: float32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxnet.core import Layer, Params, State, _leaves_by_path
+
+DTypeLike = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Which dtype each part of a training step uses.
+
+    Attributes:
+      param_dtype: the dtype parameters are kept (and updated) in.
+      compute_dtype: the dtype of the forward pass: parameters and floating inputs are cast to
+        it before the network runs, so its matrix products run in it.
+      output_dtype: the network's output is cast to it before the loss (and the softmax).
+    """
+
+    param_dtype: DTypeLike = jnp.float32
+    compute_dtype: DTypeLike = jnp.float32
+    output_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self):
+        for field in ("param_dtype", "compute_dtype", "output_dtype"):
+            dtype = jnp.dtype(getattr(self, field))
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(f"Policy: {field} must be a floating dtype, got {dtype}")
+            object.__setattr__(self, field, dtype)
+
+    @property
+    def name(self) -> str:
+        """The policy's name in :data:`POLICIES` (``"bf16"``), else its three dtypes."""
+        for name, policy in POLICIES.items():
+            if policy == self:
+                return name
+        return (f"Policy(param={self.param_dtype}, compute={self.compute_dtype}, "
+                f"output={self.output_dtype})")
+
+    @property
+    def trainable(self) -> bool:
+        """False for float16 compute: its gradients underflow without loss scaling."""
+        return self.compute_dtype != jnp.float16
+
+
+POLICIES = {
+    "f32": Policy(jnp.float32, jnp.float32, jnp.float32),
+    "bf16": Policy(jnp.float32, jnp.bfloat16, jnp.float32),
+    "f16": Policy(jnp.float32, jnp.float16, jnp.float32),
+}
+TRAINING_PRECISIONS = tuple(name for name, policy in POLICIES.items() if policy.trainable)
+
+
+def get_policy(precision: str | Policy | None) -> Policy | None:
+    """A :class:`Policy` from its name; a ``Policy`` or ``None`` (no policy) comes back as is.
+
+    Raises:
+      ValueError: an unknown name (the message lists the known ones).
+      TypeError: neither a name, a ``Policy`` nor ``None``.
+    """
+    if precision is None or isinstance(precision, Policy):
+        return precision
+    if not isinstance(precision, str):
+        raise TypeError(f"precision must be a policy name ({', '.join(POLICIES)}), a "
+                        f"jaxnet.precision.Policy or None; got {type(precision).__name__}")
+    if precision not in POLICIES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[precision]
+
+
+def get_training_policy(precision: str | Policy | None, where: str) -> Policy | None:
+    """:func:`get_policy`, refusing policies that cannot train (float16 compute).
+
+    Args:
+      where: the function asking, for the message (``"fit"``).
+    """
+    policy = get_policy(precision)
+    if policy is not None and not policy.trainable:
+        raise ValueError(
+            f"{where}: precision {policy.name} (float16 compute) is for evaluation and prediction "
+            "only: float16 gradients underflow without loss scaling, which jaxnet does not "
+            "implement; train with precision 'bf16'")
+    return policy
+
+
+def cast_floating(tree, dtype: DTypeLike):
+    """``tree`` with every floating array cast to ``dtype``; other leaves (integers, keys) kept.
+
+    A cast to an array's own dtype is a no-op: it adds nothing to the traced program.
+    """
+    def cast(leaf):
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.asarray(leaf).astype(dtype)
+        return leaf
+    return jax.tree.map(cast, tree)
+
+
+def check_params(policy: Policy | None, params: Params, where: str) -> None:
+    """Raises ``TypeError`` unless every floating parameter is in ``policy.param_dtype``."""
+    if policy is None:
+        return
+    for name, leaf in _leaves_by_path(params).items():
+        dtype = getattr(leaf, "dtype", None)
+        if (dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+                and jnp.dtype(dtype) != policy.param_dtype):
+            raise TypeError(
+                f"{where}: precision {policy.name} keeps parameters in {policy.param_dtype}, but "
+                f"{name} is {dtype}; initialise the network on {policy.param_dtype} inputs "
+                f"(net.init(key, x.astype(jnp.{policy.param_dtype})))")
+
+
+def apply_with_policy(net: Layer, policy: Policy | None, params: Params, state: State, x: jax.Array,
+                      *, key: jax.Array | None = None, train: bool = False,
+                      **options) -> tuple[Any, State]:
+    """``net.apply_with_state`` in the policy's compute dtype, the output in its output dtype.
+
+    Args:
+      net: the network.
+      policy: the policy; ``None`` runs ``net.apply_with_state`` unchanged.
+      params: the parameters, in ``policy.param_dtype`` (cast to the compute dtype here).
+      state: the network's state; not cast (BatchNorm keeps float32 statistics).
+      x: ``(*batch, *example)`` inputs; floating inputs are cast to the compute dtype. Integer
+        inputs (token ids) work only with float32 compute: parameters take the input's dtype
+        (float32 for integers), so a bfloat16 network needs bfloat16 inputs.
+      key, train, options: passed to ``net.apply_with_state``.
+
+    Returns:
+      ``(y, new_state)``: ``y (*batch, *output)`` in ``policy.output_dtype``.
+    """
+    if policy is None:
+        return net.apply_with_state(params, state, x, key=key, train=train, **options)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating) and policy.compute_dtype != jnp.float32:
+        raise TypeError(
+            f"precision {policy.name}: the input is {x.dtype} of shape {tuple(x.shape)}; a "
+            f"{policy.compute_dtype} forward pass needs floating inputs (a network on integer "
+            "ids takes float32 parameters from them); use precision 'f32'")
+    y, new_state = net.apply_with_state(cast_floating(params, policy.compute_dtype), state,
+                                        cast_floating(x, policy.compute_dtype), key=key,
+                                        train=train, **options)
+    return cast_floating(y, policy.output_dtype), new_state

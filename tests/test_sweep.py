@@ -1,0 +1,102 @@
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxnet import cli
+from jaxnet.run import RunConfig, read_run, train
+from jaxnet.sweep import sweep, sweep_configs
+from jaxnet.tensorfile import load_params
+
+BASE = RunConfig(hidden=(16,), epochs=2, batch_size=64, lr=1e-2)
+
+
+def test_the_grid_is_every_setting_times_every_seed():
+    configs = sweep_configs(dataclasses.replace(BASE, seed=5), 2,
+                            {"lr": (1e-3, 1e-2), "drop_rate": (0.0, 0.5)})
+    assert [(c.lr, c.drop_rate, c.seed) for c in configs] == [
+        (1e-3, 0.0, 5), (1e-3, 0.0, 6), (1e-3, 0.5, 5), (1e-3, 0.5, 6),
+        (1e-2, 0.0, 5), (1e-2, 0.0, 6), (1e-2, 0.5, 5), (1e-2, 0.5, 6)]
+    assert all(c.hidden == (16,) and c.weight_decay == 0 and c.init_scale == 1 for c in configs)
+
+
+def test_bad_grids_are_refused():
+    with pytest.raises(ValueError, match="seeds must be a positive integer, got 0"):
+        sweep_configs(BASE, 0, {})
+    with pytest.raises(ValueError, match=r"a sweep varies only lr, weight_decay, drop_rate, init_scale; got \['hidden'\]"):
+        sweep_configs(BASE, 1, {"hidden": (8,)})
+    with pytest.raises(ValueError, match=r"drop-rate must be in \[0, 1\), got 1.5"):
+        sweep_configs(BASE, 1, {"drop_rate": (0.1, 1.5)})
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    grid = {"lr": (1e-3, 1e-2), "drop_rate": (0.0, 0.2), "init_scale": (1.0, 0.5)}
+    return out, sweep(BASE, 2, grid, out, progress=False)
+
+
+def test_a_member_is_the_run_jaxnet_train_makes_from_its_config(swept, tmp_path):
+    out, results = swept
+    member = results["members"][13]  # lr 1e-2, drop_rate 0.2, init_scale 1.0, seed 1
+    assert (member["lr"], member["drop_rate"], member["init_scale"], member["seed"]) == (1e-2, 0.2, 1.0, 1)
+    config = RunConfig.from_dict(json.loads((out / "sweep.json").read_text())["members"][13])
+    assert config == dataclasses.replace(BASE, lr=1e-2, drop_rate=0.2, seed=1)
+    state, history, _, _ = train(config, tmp_path / "alone", progress=False)
+    np.testing.assert_allclose(member["test_accuracy"], history[-1]["test_accuracy"], atol=1e-6)
+    np.testing.assert_allclose(member["test_loss"], history[-1]["test_loss"], rtol=1e-4)
+    scaled = results["members"][14]  # lr 1e-2, drop_rate 0.2, init_scale 0.5, seed 0
+    state, history, _, _ = train(dataclasses.replace(config, init_scale=0.5, seed=0), None,
+                                 progress=False)
+    np.testing.assert_allclose(scaled["test_loss"], history[-1]["test_loss"], rtol=1e-4)
+
+
+def test_the_sweep_directory_holds_results_plots_and_the_best_run(swept):
+    out, results = swept
+    assert {p.name for p in out.iterdir()} == {"sweep.json", "metrics.jsonl", "results.json",
+                                               "results.md", "curves.png", "best"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2] and len(lines[0]["test_accuracy"]) == 16
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["settings"]) == 8 and all(s["seeds"] == 2 for s in saved["settings"])
+    accuracies = [m["test_accuracy"] for m in saved["members"][:2]]
+    assert saved["settings"][0]["test_accuracy_mean"] == pytest.approx(np.mean(accuracies))
+    best = saved["best"]
+    assert best["test_accuracy"] == max(m["test_accuracy"] for m in saved["members"])
+    assert 0.5 < saved["ensemble"]["test_accuracy"] <= 1 and saved["ensemble"]["members"] == 16
+    markdown = (out / "results.md").read_text()
+    assert "| lr | weight_decay | drop_rate | init_scale | seeds |" in markdown
+    assert "Best member" in markdown and "Ensemble of the 16 members" in markdown
+    config, _, net, params = read_run(out / "best")
+    assert config.seed == best["seed"] and config.lr == best["lr"]
+    x = np.zeros((1, 8, 8), np.float32)
+    assert net.apply(params, x).shape == (1, 10)
+    assert jax.tree.structure(load_params(out / "best" / "params.safetensors")) == jax.tree.structure(params)
+
+
+def test_jaxnet_sweep_prints_a_table_and_writes_its_directory(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    status = cli.main(["sweep", "--hidden", "8", "--epochs", "1", "--seeds", "2", "--lr",
+                       "1e-3,3e-3", "--shared-order", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "4 members, 1 epochs" in printed and "best member" in printed
+    assert (out / "results.md").is_file() and (out / "best" / "params.safetensors").is_file()
+    assert cli.main(["sweep", "--out", str(out)]) == 2
+    assert "already holds a sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "seeds must be a positive integer, got 0"),
+    (["--lr", "1e-3,-1"], "lr must be a positive number, got -1.0"),
+    (["--weight-decay", "x"], "argument --weight-decay: expected comma-separated numbers, got 'x'"),
+    (["--init-scale", "0"], "init-scale must be a positive number, got 0.0"),
+])
+def test_jaxnet_sweep_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, message):
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()  # nothing written
