@@ -9,6 +9,8 @@ Workloads (see ``shared/PERFORMANCE.md`` for the peers measured on this machine)
   W1: MLP 784-512-512-10, Adam, float32, batch 128 (and 1024): train steps per second.
   W2: MLP 64-32-10, batch 32: the same, all per-step overhead.
   W3: forward pass of the W1 MLP on 8192 inputs: samples per second.
+  W4: 16 W2 MLPs trained at once (``jaxnet.bench_population``): steps of every member per
+      second, against training them one after another.
   W5: CNN conv3x3(32)-relu-maxpool2-conv3x3(64)-relu-maxpool2-dense(128)-relu-dense(10) on
       28x28x1, batch 128, Adam: train steps per second (raw JAX with ``lax`` convolutions and
       ``reduce_window`` max-pool as the reference; PyTorch eager when it is installed), and the
@@ -340,6 +342,13 @@ def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print) -> d
             entries += compile_entries(
                 name, variants, lambda: train_variants(sizes, batch, steps, []),
                 2 if quick else 3)
+    from jaxnet.bench_population import flops_per_unit, population_variants
+
+    steps = 40 if quick else 200
+    log(f"W4 population of 16 W2 MLPs: {rounds} rounds of {steps} steps of every member")
+    variants = population_variants(16, steps)
+    entries += summarise("W4 16x W2 MLP b32", variants, measure(variants, steps, rounds),
+                         "steps/s (all 16)", flops_per_unit(16), peak)
     n, key = 8192, jax.random.key(0)
     log(f"W3 forward of the W1 MLP on {n} inputs: {rounds} rounds")
     x, noted = jax.random.normal(key, (n, w1[0]), jnp.float32), len(skipped)

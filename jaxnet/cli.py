@@ -252,8 +252,9 @@ def cmd_eval(args, console: Console) -> None:
 
 
 def cmd_predict(args, console: Console) -> None:
-    from jaxnet.inference import open_npy, predict_to_file, run_preprocess
-    from jaxnet.run import read_run
+    from jaxnet.data import open_npy
+    from jaxnet.inference import predict_to_file
+    from jaxnet.run import read_run, run_preprocess
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")

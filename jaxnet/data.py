@@ -298,3 +298,27 @@ def standardize(x_train: np.ndarray, x_test: np.ndarray
                         f"deviation {std}, expected > 0")
     mean, std = np.float32(x_train.mean(dtype=np.float64)), np.float32(std)
     return (x_train - mean) / std, (x_test - mean) / std, {"mean": float(mean), "std": float(std)}
+
+
+def open_npy(path) -> np.ndarray:
+    """The array in the ``.npy`` file ``path``, memory-mapped read-only (nothing is read until
+    it is used), never unpickled.
+
+    Raises:
+      DataError: the file is missing, unreadable, not a ``.npy`` array (an ``.npz`` archive, a
+        pickle) or holds objects; the message names the file.
+    """
+    where = Path(path).absolute()
+    try:
+        with where.open("rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":  # np.load would try pickle
+            raise ValueError(f"it starts with {magic!r}, not the .npy magic b'\\x93NUMPY'")
+        x = np.load(where, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise DataError(f"{where}: cannot read as a .npy array: {reason}") from None
+    if not isinstance(x, np.ndarray):
+        x.close()
+        raise DataError(f"{where}: an .npz archive, expected a single .npy array")
+    return x

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxnet import data as datasets
@@ -28,7 +29,8 @@ from jaxnet import data_parallel
 from jaxnet import models
 from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                restore_checkpoint, save_checkpoint)
-from jaxnet.core import Layer
+from jaxnet.core import Layer, shape_str
+from jaxnet.inference import Preprocess
 from jaxnet.plots import plot_curves
 from jaxnet.precision import TRAINING_PRECISIONS
 from jaxnet.tensorfile import atomic_write, load_params, save_params
@@ -347,3 +349,51 @@ def read_run(run_dir: Path) -> tuple[RunConfig, dict, Layer, dict]:
 def _version() -> str:
     from jaxnet import __version__
     return __version__
+
+
+def run_preprocess(data: dict, input_shape: tuple[int, ...], input_dtype) -> Preprocess:
+    """The preprocessing a ``jaxnet train`` run applied, for raw inputs of ``input_shape``.
+
+    ``jaxnet predict`` takes inputs as the :mod:`jaxnet.data` loaders read them from the data
+    set's files, before standardisation, and this turns each chunk into what the network was
+    trained on: ``uint8`` values are pixels in 0..255 and are scaled by 1/255 (as the IDX and
+    ``.npz`` loaders do); other numbers are taken as they are, as float32 (the loaders' values:
+    Fashion-MNIST/MNIST pixels in [0, 1], digits counts / 16); then ``(x - mean) / std`` with the
+    training set's statistics, exactly as training computed it (0 and 1 for ``--no-standardize``
+    runs).
+
+    Args:
+      data: the ``data`` record of the run's ``config.json`` (``example_shape``, ``mean``,
+        ``std``).
+      input_shape: ``(n, *shape)`` of the raw inputs: ``shape`` is the run's example shape
+        (``(8, 8, 1)``), that shape without its trailing channel axis of size 1 (``(8, 8)``),
+        or flattened (``(64,)``).
+      input_dtype: an integer or floating NumPy dtype.
+
+    Returns:
+      A ``preprocess`` for :func:`predict`: ``(rows, *shape)`` raw values to
+      ``(rows, *example_shape)`` float32.
+
+    Raises:
+      ValueError: ``input_shape`` is none of the three accepted forms (the message names them).
+      TypeError: ``input_dtype`` is not a number type.
+    """
+    example = tuple(int(d) for d in data["example_shape"])
+    size = int(np.prod(example))
+    accepted = [example] + ([example[:-1]] if example[-1:] == (1,) else []) + [(size,)]
+    accepted = list(dict.fromkeys(accepted))  # (n,) examples: the forms coincide
+    if len(input_shape) == 0 or tuple(input_shape[1:]) not in accepted:
+        forms = ", ".join(shape_str(("n",) + a) for a in accepted)
+        raise ValueError(f"inputs of shape {shape_str(tuple(input_shape))} do not fit the run's "
+                         f"examples of shape {shape_str(example)}; expected {forms}")
+    input_dtype = np.dtype(input_dtype)
+    if input_dtype.kind not in "uif":
+        raise TypeError(f"inputs must be numbers (integer or float), got dtype {input_dtype}")
+    mean, std = np.float32(data["mean"]), np.float32(data["std"])
+
+    def preprocess(chunk: np.ndarray) -> np.ndarray:
+        chunk = np.asarray(chunk)
+        x = chunk / np.float32(255) if chunk.dtype == np.uint8 else chunk.astype(np.float32)
+        return ((x - mean) / std).reshape((len(chunk),) + example)
+
+    return preprocess

@@ -96,3 +96,18 @@ def test_equinox_peer_needs_one_hidden_width():
     pytest.importorskip("equinox")
     with pytest.raises(ValueError, match=r"one hidden width h; got \(8, 4, 5, 3\)"):
         bench_peers.equinox_train((8, 4, 5, 3), None, None)
+
+
+def test_w4_variants_train_every_member_and_measure():
+    from jaxnet.bench import measure
+    from jaxnet.bench_population import flops_per_unit, population_variants
+
+    variants = population_variants(members=2, steps=4)
+    assert [v.name for v in variants] == [
+        "raw-jax step loop, 2 one after another", "raw-jax vmap of the step, step loop",
+        "jaxnet train step loop, 2 one after another",
+        "jaxnet fit (device loop), 2 one after another",
+        "jaxnet population, shared data order", "jaxnet population, own data order"]
+    rates = measure(variants, 4, 1)
+    assert all(len(r) == 1 and r[0] > 0 for r in rates.values())
+    assert flops_per_unit(2) == 6 * 32 * 2 * (64 * 32 + 32 * 10)
