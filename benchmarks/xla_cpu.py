@@ -185,7 +185,8 @@ def part_profile(quick: bool, log) -> dict:
 # ---- ops: each matmul of the W1 step alone ------------------------------------------------------
 
 def w1_matmuls(batch: int = 128):
-    """(name, f, args, FLOPs) for the 8 matmuls of a W1 training step, written as JAX does."""
+    """(name, f, args, FLOPs) for the 8 matmuls of a W1 training step, written as JAX does, and
+    the smallest weight gradient as it is for weights stored (out, in)."""
     ks = jax.random.split(jax.random.key(1), 6)
     x = jax.random.normal(ks[0], (batch, 784))
     h, g, g10 = (jax.random.normal(k, (batch, n)) for k, n in zip(ks[1:4], (512, 512, 10)))
@@ -197,6 +198,8 @@ def w1_matmuls(batch: int = 128):
             ("input grad g3 @ w3.T (128x10 @ 10x512)", backward, (g10, w3), 2 * batch * 512 * 10),
             ("input grad g2 @ w2.T (128x512 @ 512x512)", backward, (g, w2), 2 * batch * 512 * 512),
             ("weight grad h2.T @ g3 (512x128 @ 128x10)", weight, (h, g10), 2 * batch * 512 * 10),
+            # the same gradient for weights stored (out, in): a 10x512 output instead of 512x10
+            ("weight grad g3.T @ h2 (10x128 @ 128x512)", weight, (g10, h), 2 * batch * 512 * 10),
             ("weight grad h1.T @ g2 (512x128 @ 128x512)", weight, (h, g), 2 * batch * 512 * 512),
             ("weight grad x.T @ g1 (784x128 @ 128x512)", weight, (x, g), 2 * batch * 784 * 512)]
 

@@ -320,8 +320,10 @@ def cmd_bench(args, console: Console) -> None:
 
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist")
-    results = run_benchmarks(quick=args.quick, log=lambda line: console.print(line, highlight=False))
-    console.print(format_table(results), highlight=False)
+    # markup=False: notes such as "pip install -e '.[peers]'" must print as written
+    results = run_benchmarks(quick=args.quick,
+                             log=lambda line: console.print(line, highlight=False, markup=False))
+    console.print(format_table(results), highlight=False, markup=False)
     if args.json is not None:
         write_json(results, args.json)
         console.print(f"results: {args.json}")
