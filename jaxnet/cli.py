@@ -320,10 +320,10 @@ def cmd_bench(args, console: Console) -> None:
 
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist")
-    # markup=False: notes such as "pip install -e '.[peers]'" must print as written
-    results = run_benchmarks(quick=args.quick,
-                             log=lambda line: console.print(line, highlight=False, markup=False))
-    console.print(format_table(results), highlight=False, markup=False)
+    # as written: no markup (notes say "pip install -e '.[peers]'"), table rows not wrapped
+    plain = dict(highlight=False, markup=False, soft_wrap=True)
+    results = run_benchmarks(quick=args.quick, log=lambda line: console.print(line, **plain))
+    console.print(format_table(results), **plain)
     if args.json is not None:
         write_json(results, args.json)
         console.print(f"results: {args.json}")

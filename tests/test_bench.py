@@ -120,12 +120,14 @@ def test_cli_bench_prints_skip_notes_verbatim_and_writes_json(monkeypatch, tmp_p
     entry = {"workload": "W2 tiny", "variant": "raw", "unit": "steps/s", "median": 2.0, "min": 1.0,
              "max": 3.0, "ratio": 1.0, "gflops": 0.5, "fraction_of_matmul": 0.25,
              "compile_seconds": 0.1, "lower_is_better": False}
-    note = {"workload": "W2 tiny", "variant": "haiku",
-            "reason": f"haiku not installed; {bench_peers.INSTALL_HINT}"}
+    note = {"workload": "W2 tiny", "variant": "haiku",  # long enough to be wrapped at 80 columns
+            "reason": f"haiku not installed or not importable (No module named 'haiku'); "
+                      f"{bench_peers.INSTALL_HINT}"}
     results = {"matmul_gflops": 2.0, "entries": [entry], "skipped": [note], "settings": {}}
     monkeypatch.setattr(bench, "run_benchmarks", lambda quick, log: results)
     assert main(["bench", "--quick", "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
-    assert "- skipped haiku on W2 tiny: haiku not installed; pip install -e '.[peers]'" in out
+    assert ("- skipped haiku on W2 tiny: haiku not installed or not importable (No module named "
+            "'haiku'); pip install -e '.[peers]'\n") in out
     assert "| W2 tiny | raw | 2 | 1 | 3 | steps/s | 1.00 | 0.5 | 25% | 0.10 |" in out
     assert json.loads((tmp_path / "b.json").read_text()) == results

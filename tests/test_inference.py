@@ -1,4 +1,3 @@
-import contextlib
 import os
 
 import jax
@@ -8,22 +7,7 @@ import pytest
 
 import jaxnet as jn
 from jaxnet.inference import _apply, chunk_size, predict, predict_proba, predict_to_file
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compilations inside the block."""
-    count = [0]
-
-    def listener(name, duration, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+from support import count_compiles
 
 
 def mlp(width=16, classes=5):
