@@ -6,6 +6,10 @@
 >>> logits = net.apply(params, jax.numpy.ones((32, 28, 28)))   # (32, 10)
 """
 
+from jaxnet.host_memory import keep_freed_host_memory
+
+keep_freed_host_memory()  # process-wide; JAXNET_HOST_MALLOC=default opts out (see its docstring)
+
 from jaxnet.activations import (Activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid,
                                 silu, softmax, softplus, tanh)
 from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, restore_checkpoint,

@@ -8,14 +8,12 @@ CNN training step. ``conv`` therefore writes both gradients as canonical convolu
 (the standard transposed-convolution identities), giving the same numbers. A ``custom_vjp``
 has no forward mode, and JAX cannot transpose one inside a custom JVP rule, so ``Conv`` uses it
 in training mode only (what ``fit`` differentiates); evaluation mode uses plain ``lax``.
-
-``max_pool_blocks`` is max pooling over non-overlapping windows as a reshape and ``max``, whose
-gradient is an elementwise mask instead of ``reduce_window``'s select-and-scatter.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -69,22 +67,37 @@ def _conv_bwd(strides, pads, dilation, residuals, g):
         [(k - 1 - lo, k - 1 - hi + r) for k, (lo, hi), r in zip(dilated, pads, unused)],
         lhs_dilation=strides, rhs_dilation=dilation, dimension_numbers=numbers)
     # kernel gradient: channels as the batch, examples as the contracted features
+    weight_grad = functools.partial(_weight_grad, dilation=dilation, numbers=numbers, pads=[
+        (lo, hi - r) for (lo, hi), r in zip(pads, unused)], strides=strides)
+    chunked = lambda x, g: sum(weight_grad(x[rows], g[rows]) for rows in example_chunks(
+        x.shape[0], math.prod(g.shape[1:-1]), CHUNK_POSITIONS))
+    dw = lax.platform_dependent(x, g, cpu=chunked, default=weight_grad)
+    return dx, dw
+
+
+def _weight_grad(x, g, *, dilation, numbers, pads, strides):
+    """``(*kernel, Cin, Cout)`` gradient of the kernel from ``x (N, *spatial, Cin)`` and the
+    output gradient ``g (N, *out_spatial, Cout)``, as one canonical convolution."""
     x_t = jnp.moveaxis(x, (0, -1), (-1, 0))  # (Cin, *spatial, N)
     g_t = jnp.moveaxis(g, 0, -2)             # (*out_spatial, N, Cout)
-    dw = lax.conv_general_dilated(
-        x_t, g_t, dilation, [(lo, hi - r) for (lo, hi), r in zip(pads, unused)],
-        rhs_dilation=strides, dimension_numbers=numbers)  # (Cin, *kernel, Cout)
-    return dx, jnp.moveaxis(dw, 0, -2)
+    dw = lax.conv_general_dilated(x_t, g_t, dilation, pads, rhs_dilation=strides,
+                                  dimension_numbers=numbers)  # (Cin, *kernel, Cout)
+    return jnp.moveaxis(dw, 0, -2)
+
+
+# XLA:CPU runs the kernel-gradient convolution fastest when each call contracts ~2,000 output
+# positions (examples x out_spatial): one call over a batch of 128 28x28 or 14x14 images takes
+# 2-4x longer than the sum of 16 calls over 8 examples each (docs/performance.md).
+CHUNK_POSITIONS = 2048
+MAX_CHUNKS = 16
+
+
+def example_chunks(n: int, per_example: int, budget: int) -> list[slice]:
+    """Slices of ``range(n)`` with ``round(budget / per_example)`` examples each (at least one),
+    at most ``MAX_CHUNKS`` of them; the last may be shorter."""
+    size = max(-(-n // MAX_CHUNKS), round(budget / per_example), 1)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
 
-
-def max_pool_blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
-    """Max over non-overlapping ``window`` blocks of ``x (N, *spatial, C)``; spatial sizes must
-    be multiples of the window. Equals VALID ``reduce_window`` max with strides = window; at exact
-    ties the gradient is shared among the tied values instead of given to one of them."""
-    n, *spatial, c = x.shape
-    blocks = [d for size, w in zip(spatial, window) for d in (size // w, w)]
-    y = x.reshape(n, *blocks, c)
-    return jnp.max(y, axis=tuple(range(2, 2 * len(window) + 1, 2)))

@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -194,6 +195,23 @@ class _Pool(Layer):
         _check_window_fits(path, "window", x.shape[1:-1], self.window_shape, self.padding)
         return {}, {}
 
+    def _blocks(self, x) -> jax.Array | None:
+        """``x`` cut into its non-overlapping windows, ``(batch, out_1, window_1, out_2, window_2,
+        ..., channels)``, when the windows tile the input (VALID padding, strides
+        equal to the window): a reshape, whose reductions have elementwise gradients where
+        ``reduce_window``'s max gradient is a slow select-and-scatter. ``None`` otherwise."""
+        no_padding = self.padding == "VALID" or (
+            not isinstance(self.padding, str) and not any(map(any, self.padding)))
+        if not no_padding or self.strides != self.window_shape:
+            return None
+        n, *spatial, c = x.shape
+        kept = tuple(size - size % w for size, w in zip(spatial, self.window_shape))
+        x = x[(slice(None),) + tuple(slice(k) for k in kept)]  # VALID drops the remainder
+        return x.reshape(n, *(d for k, w in zip(kept, self.window_shape) for d in (k // w, w)), c)
+
+    def _block_axes(self) -> tuple[int, ...]:
+        return tuple(range(2, 2 * len(self.window_shape) + 1, 2))
+
     def _reduce(self, x, init, op):
         dims = (1,) + self.window_shape + (1,)
         strides = (1,) + self.strides + (1,)
@@ -219,6 +237,9 @@ class MaxPool(_Pool):
     kind: ClassVar[str] = "max_pool"
 
     def _apply(self, params, state, x, ctx):
+        blocks = self._blocks(x)
+        if blocks is not None:  # at exact ties the gradient is shared among the tied values
+            return jnp.max(blocks, axis=self._block_axes()), state
         # A NumPy scalar, not jnp.array: under jit the latter is a tracer, and reduce_window with a
         # traced init value falls back to a generic reduction that cannot be differentiated.
         return self._reduce(x, x.dtype.type(-jnp.inf), lax.max), state
@@ -234,6 +255,9 @@ class AvgPool(_Pool):
     kind: ClassVar[str] = "avg_pool"
 
     def _apply(self, params, state, x, ctx):
+        blocks = self._blocks(x)
+        if blocks is not None:
+            return jnp.mean(blocks, axis=self._block_axes()), state
         zero = x.dtype.type(0)  # concrete, see MaxPool
         sums = self._reduce(x, zero, lax.add)
         if self.padding == "VALID":

@@ -394,8 +394,12 @@ from jaxnet import _conv_ops  # noqa: E402
     ((9,), (3,), (2,), (2,), ((0, 1),)),
     ((6, 5, 4), (2, 3, 2), (1, 2, 1), (1, 1, 2), "SAME"),
 ])
-def test_canonical_conv_gradients_equal_lax(rng, spatial, kernel, strides, dilation, padding):
-    x = jnp.asarray(rng.normal(size=(3, *spatial, 4)), jnp.float32)
+@pytest.mark.parametrize("per_chunk", [None, 1, 2])
+def test_canonical_conv_gradients_equal_lax(rng, monkeypatch, spatial, kernel, strides, dilation,
+                                            padding, per_chunk):
+    """per_chunk: examples per chunk of the kernel gradient on CPU (None: the whole batch of 5;
+    2: chunks of 2, 2 and 1)."""
+    x = jnp.asarray(rng.normal(size=(5, *spatial, 4)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(*kernel, 4, 5)), jnp.float32)
     dilated = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
     pads = tuple(map(tuple, jax.lax.padtype_to_pads(spatial, dilated, strides, padding))) \
@@ -407,6 +411,8 @@ def test_canonical_conv_gradients_equal_lax(rng, spatial, kernel, strides, dilat
                                             dimension_numbers=numbers)
 
     fast = lambda x, w: _conv_ops.conv(x, w, strides, pads, dilation)
+    positions = math.prod(jax.eval_shape(fast, x, w).shape[1:-1])
+    monkeypatch.setattr(_conv_ops, "CHUNK_POSITIONS", 10 ** 6 if per_chunk is None else per_chunk * positions)
     y, pullback = jax.vjp(fast, x, w)
     y_ref, pullback_ref = jax.vjp(reference, x, w)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -414,6 +420,19 @@ def test_canonical_conv_gradients_equal_lax(rng, spatial, kernel, strides, dilat
     for got, want in zip(pullback(g), pullback_ref(g)):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, per_example, budget, sizes", [
+    (128, 196, 2048, [10] * 12 + [8]),   # ~2048 positions per chunk
+    (128, 784, 2048, [8] * 16),          # at most MAX_CHUNKS chunks
+    (5, 10 ** 6, 2048, [1] * 5),         # at least one example per chunk
+    (3, 1, 2048, [3]),                   # a small batch is one chunk
+])
+def test_example_chunks(n, per_example, budget, sizes):
+    chunks = _conv_ops.example_chunks(n, per_example, budget)
+    assert [c.stop - c.start for c in chunks] == sizes
+    assert chunks[0].start == 0 and chunks[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
 
 
 def test_canonical_conv_gradients_in_float64(rng):
@@ -424,20 +443,40 @@ def test_canonical_conv_gradients_in_float64(rng):
                     order=2, modes=["rev"])
 
 
-@pytest.mark.parametrize("window", [(2, 2), (3, 1), (2,)])
-def test_block_max_pool_equals_reduce_window(rng, window):
-    spatial = (6, 6)[:len(window)]
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("window, spatial, padding", [
+    ((2, 2), (6, 6), "VALID"), ((3, 1), (7, 5), "VALID"), ((2,), (7,), ((0, 0),)),
+    ((2, 2, 2), (4, 5, 4), "VALID")])
+def test_tiling_pools_equal_reduce_window(rng, kind, window, spatial, padding):
+    """Windows that tile the input take the reshape path; values and gradients equal
+    ``reduce_window`` (odd sizes: VALID drops the remainder in both)."""
+    pool = (jn.MaxPool if kind == "max" else jn.AvgPool)(window, padding=padding)
     x = jnp.asarray(rng.normal(size=(2, *spatial, 3)), jnp.float32)
+    assert pool._blocks(x) is not None
 
     def reference(x):
         dims = (1,) + window + (1,)
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
+        if kind == "max":
+            return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
+        return jax.lax.reduce_window(x, np.float32(0), jax.lax.add, dims, dims, "VALID") / math.prod(window)
 
-    y, pullback = jax.vjp(lambda x: _conv_ops.max_pool_blocks(x, window), x)
+    y, pullback = jax.vjp(lambda x: pool.apply({}, x), x)
     y_ref, pullback_ref = jax.vjp(reference, x)
-    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6)
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    np.testing.assert_array_equal(pullback(g)[0], pullback_ref(g)[0])  # random inputs: no ties
+    np.testing.assert_allclose(pullback(g)[0], pullback_ref(g)[0], rtol=1e-6)  # no ties
+
+
+@pytest.mark.parametrize("pool", [jn.MaxPool((2, 2), strides=1), jn.MaxPool((2, 2), padding="SAME"),
+                                  jn.AvgPool((3, 3), strides=2)])
+def test_overlapping_or_padded_pools_keep_reduce_window(pool, rng):
+    assert pool._blocks(jnp.asarray(rng.normal(size=(1, 6, 6, 2)), jnp.float32)) is None
+
+
+def test_block_max_pool_shares_the_gradient_at_ties():
+    x = jnp.asarray([1.0, 3.0, 3.0, 2.0]).reshape(1, 2, 2, 1)
+    grad = jax.grad(lambda x: jn.MaxPool((2, 2)).apply({}, x).sum())(x)
+    np.testing.assert_array_equal(grad.ravel(), [0.0, 0.5, 0.5, 0.0])
 
 
 def test_cnn_gradient_step_inside_scan_matches_per_step(key, rng):

@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pytest
+
+from jaxnet import host_memory
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+
+
+@linux
+def test_settings_take_effect_on_glibc():
+    assert host_memory.keep_freed_host_memory({}) is True
+
+
+def test_default_leaves_the_allocator_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: calls.append(name))
+    assert host_memory.keep_freed_host_memory({host_memory.ENV_VAR: "default"}) is False
+    assert calls == []
+
+
+def test_a_c_library_without_mallopt_is_skipped(monkeypatch):
+    monkeypatch.setattr(host_memory.sys, "platform", "linux")
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: object())
+    assert host_memory.keep_freed_host_memory({}) is False
+
+
+_PROBE = """
+import ctypes, sys
+import jaxnet  # applies the settings unless JAXNET_HOST_MALLOC=default
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                 "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+libc.mallinfo2.restype = MallInfo2
+before = libc.mallinfo2().hblks
+block = libc.malloc(20 << 20)  # 20 MiB: mmapped by default, from the heap when tuned
+print(libc.mallinfo2().hblks - before)
+libc.free(block)
+"""
+
+
+@linux
+@pytest.mark.parametrize("value, mmapped", [(None, "0"), ("default", "1")])
+def test_import_keeps_20_mib_blocks_on_the_heap_unless_opted_out(value, mmapped):
+    env = {"PATH": "/usr/bin:/bin"} | ({} if value is None else {host_memory.ENV_VAR: value})
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env)
+    if "mallinfo2" in out.stderr:
+        pytest.skip("glibc older than 2.33 has no mallinfo2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == mmapped
