@@ -7,7 +7,8 @@ weight and input gradients run on a slow generic path: measured 1.3 s against 0.
 CNN training step. ``conv`` therefore writes both gradients as canonical convolutions itself
 (the standard transposed-convolution identities), giving the same numbers. A ``custom_vjp``
 has no forward mode, and JAX cannot transpose one inside a custom JVP rule, so ``Conv`` uses it
-in training mode only (what ``fit`` differentiates); evaluation mode uses plain ``lax``.
+only when the caller promises reverse mode (``reverse_only=True``, as ``fit`` does) and plain
+``lax`` otherwise.
 """
 
 from __future__ import annotations

@@ -78,9 +78,10 @@ class Conv(Layer):
       feature_group_count: groups; must divide both input channels and ``features``.
       use_bias, weight_init: as in :class:`~jaxnet.Dense`.
 
-    In training mode (``train=True``) an ungrouped convolution computes its reverse-mode
-    gradients with canonical convolutions, ~20x faster inside ``lax.scan`` on XLA:CPU and equal in
-    value; forward-mode differentiation then needs ``train=False``.
+    When the caller differentiates in reverse mode only (``apply_with_state(...,
+    reverse_only=True)``, as ``train_batch`` and ``fit`` do), an ungrouped convolution computes
+    its gradients with canonical convolutions, ~20x faster inside ``lax.scan`` on XLA:CPU and
+    equal in value.
 
     Shapes:
       x: ``(batch, *spatial, in_channels)`` floating;
@@ -140,7 +141,7 @@ class Conv(Layer):
         return init_weight_and_bias(key, self.weight_init, w_shape, fan_in, self.use_bias, x.dtype), {}
 
     def _apply(self, params, state, x, ctx):
-        if ctx.train and self.feature_group_count == 1:  # canonical gradients: see _conv_ops
+        if ctx.reverse_only and self.feature_group_count == 1:  # canonical gradients: _conv_ops
             y = _conv_ops.conv(x, params["w"], self.strides, self._pads(x), self.dilation)
         else:
             y = lax.conv_general_dilated(

@@ -46,6 +46,8 @@ class Context(NamedTuple):
       record: when not ``None``, a list that leaf layers append summary rows to.
       drop_rate: when not ``None``, a float32 scalar (possibly traced) that replaces every
         Dropout layer's own rate.
+      reverse_only: the caller differentiates this call in reverse mode only, so layers may
+        compute their gradients with custom VJPs (faster on XLA:CPU; no forward mode).
     """
 
     path: str
@@ -53,6 +55,7 @@ class Context(NamedTuple):
     key: Array | None = None
     record: list | None = None
     drop_rate: Array | None = None
+    reverse_only: bool = False
 
     def child(self, name: str, key: Array | None) -> Context:
         return self._replace(path=join_path(self.path, name), key=key)
@@ -158,7 +161,7 @@ class Layer:
 
     def apply_with_state(self, params: Params, state: State, x: Array, *,
                          key: Array | None = None, train: bool = False,
-                         drop_rate: Array | float | None = None,
+                         drop_rate: Array | float | None = None, reverse_only: bool = False,
                          _record: list | None = None) -> tuple[Array, State]:
         """Runs the network with explicit state.
 
@@ -171,6 +174,10 @@ class Layer:
           drop_rate: a float32 scalar in ``[0, 1)``, possibly traced, that replaces the rate of
             every Dropout layer built with a nonzero rate (a rate of 0 builds no dropout at all),
             so that a schedule or a population of rates needs no recompilation.
+          reverse_only: promise that this call is differentiated in reverse mode only
+            (``jax.grad``, ``jax.vjp``), as ``train_batch`` and ``fit`` do. ``Dense`` and ``Conv``
+            then compute their weight gradients in the forms XLA:CPU runs fastest (same values;
+            ``docs/performance.md``); ``jax.jvp`` of the output raises an error.
 
         Returns:
           ``(y, new_state)`` with ``y`` of shape ``(*batch, *output)``.
@@ -183,7 +190,8 @@ class Layer:
             key = _check_key(key)
         if drop_rate is not None:
             drop_rate = jnp.asarray(drop_rate, jnp.float32)
-        ctx = Context(self._top_path(), train=train, key=key, record=_record, drop_rate=drop_rate)
+        ctx = Context(self._top_path(), train=train, key=key, record=_record, drop_rate=drop_rate,
+                      reverse_only=reverse_only)
         y, new_state = call_layer(self, params, state, batched, ctx)
         return y.reshape(batch_shape + y.shape[1:]), new_state
 

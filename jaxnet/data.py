@@ -10,11 +10,15 @@ Every loader returns a :class:`Dataset`; every problem with a file or an array r
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.resources
 import math
+import os
+import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,14 +53,26 @@ class Dataset(NamedTuple):
 
     Images are (n, height, width, 1) in [0, 1], channels-last, so an MLP (with Flatten) and a
     CNN both take them. Labels are in [0, num_classes), ``num_classes`` being the largest plus 1.
+
+    Loaded with ``train_rows`` (a multi-process run: each process reads only its block of the
+    training set), ``x_train`` and ``y_train`` hold only rows ``train_rows`` of the
+    ``train_examples`` training examples, and ``num_classes`` counts only the labels loaded
+    (these rows and the test set); :mod:`jaxnet.data_shards` combines it over the processes.
     """
 
-    x_train: np.ndarray  # (n_train, *example) float32
-    y_train: np.ndarray  # (n_train,) int32
+    x_train: np.ndarray  # (n_train, *example) float32; with train_rows: (stop - start, *example)
+    y_train: np.ndarray  # (n_train,) int32; with train_rows: (stop - start,)
     x_test: np.ndarray  # (n_test, *example) float32
     y_test: np.ndarray  # (n_test,) int32
     num_classes: int
     name: str
+    train_rows: slice | None = None  # the rows of the training set held; None: all of them
+    train_examples: int | None = None  # with train_rows: the size of the whole training set
+
+    @property
+    def num_train(self) -> int:
+        """The size of the whole training set (not only of the rows held)."""
+        return len(self.x_train) if self.train_rows is None else self.train_examples
 
 
 def _to_float32(x: np.ndarray) -> np.ndarray:
@@ -64,32 +80,104 @@ def _to_float32(x: np.ndarray) -> np.ndarray:
     return x / np.float32(255) if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
 
 
-def _dataset(x_train, y_train, x_test, y_test, name: str) -> Dataset:
+def _dataset(x_train, y_train, x_test, y_test, name: str, rows: slice | None = None,
+             train_examples: int | None = None) -> Dataset:
+    num_classes = int(max(y_train.max(initial=0), y_test.max())) + 1  # rows may be empty
     return Dataset(_to_float32(x_train), y_train.astype(np.int32), _to_float32(x_test),
-                   y_test.astype(np.int32), int(max(y_train.max(), y_test.max())) + 1, name)
+                   y_test.astype(np.int32), num_classes, name, rows, train_examples)
 
 
-def read_idx(path) -> np.ndarray:
-    """Reads one IDX file (the MNIST format), gzipped or raw.
+# Which rows of a training set to read: a slice, or a function of the number of rows giving one
+# (as ``lambda n: data_parallel.process_rows(n, mesh)``: the count is known once the header is).
+Rows = slice | Callable[[int], slice]
+
+
+def _resolve_rows(rows: Rows, n: int, where) -> slice:
+    """``rows`` as ``slice(start, stop)`` with ``0 <= start <= stop <= n``, else a clear error."""
+    given = rows(n) if callable(rows) else rows
+    if not isinstance(given, slice) or given.step not in (None, 1):
+        raise TypeError(f"{where}: rows must be a contiguous slice start:stop, got {given!r}")
+    start = 0 if given.start is None else given.start
+    stop = n if given.stop is None else given.stop
+    is_index = lambda i: isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+    if not (is_index(start) and is_index(stop) and 0 <= start <= stop <= n):
+        raise IndexError(f"{where}: rows {start}:{stop} are not within its {n} rows; expected "
+                         f"0 <= start <= stop <= {n}")
+    return slice(int(start), int(stop))
+
+
+def _read_exactly(stream, size: int) -> bytearray:
+    """Up to ``size`` bytes from ``stream`` (fewer only at its end), read into one buffer."""
+    buffer, done = bytearray(size), 0
+    view = memoryview(buffer)
+    while done < size:
+        got = stream.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    del view  # a bytearray cannot shrink while a memoryview of it exists
+    del buffer[done:]
+    return buffer
+
+
+@contextlib.contextmanager
+def _reading(where, what: str = "read"):
+    """Turns what a damaged file makes gzip, zipfile and NumPy raise into a DataError."""
+    try:
+        yield
+    except DataError:
+        raise
+    except _READ_ERRORS as e:
+        raise DataError(f"{where}: cannot {what}: {type(e).__name__}: {e}") from e
+
+
+def read_idx(path, rows: Rows | None = None) -> np.ndarray:
+    """Reads one IDX file (the MNIST format), gzipped or raw, whole or only some rows.
 
     The format is a magic number ``00 00 <type code> <ndim>``, ``ndim`` big-endian int32 sizes,
     then the values in C order.
 
+    With ``rows``, only those rows (along the first axis) are read. A raw file is checked from
+    its header and size alone, then read from ``header + start * row_bytes``: only the rows'
+    bytes. gzip cannot seek, so a gzipped file is decompressed as a stream: the bytes before
+    ``start`` are decompressed and discarded, none after ``stop`` are read (except that reading
+    up to the last row also checks that nothing follows it), and memory holds only the rows.
+
+    Args:
+      path: the file.
+      rows: ``slice(start, stop)`` with ``0 <= start <= stop <= n`` (``n`` the first size), or a
+        function ``n -> slice`` (e.g. a process's block); None: the whole file.
+
     Returns:
-      An array of the file's shape, in native byte order, of dtype uint8, int8, int16, int32,
-      float32 or float64 (type codes 0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E).
+      An array of the file's shape (with ``rows``: ``(stop - start, *shape[1:])``), in native
+      byte order, of dtype uint8, int8, int16, int32, float32 or float64 (type codes 0x08,
+      0x09, 0x0B, 0x0C, 0x0D, 0x0E).
 
     Raises:
       DataError: an unreadable file or corrupt gzip, a wrong magic number or type code, no
-        dimensions, or fewer or more data bytes than the sizes say.
+        dimensions, or fewer or more data bytes than the sizes say (with ``rows`` and gzip:
+        found when reading reaches them).
+      IndexError, TypeError: ``rows`` is not a contiguous slice within the file's rows.
     """
     where = Path(path).absolute()
+    if rows is not None:
+        return _read_idx_rows(where, rows)[0]
     try:  # gzip is recognised by its magic bytes, whatever the file's name
         raw = where.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except _READ_ERRORS as e:
         raise DataError(f"{where}: cannot read: {type(e).__name__}: {e}") from e
+    shape, dtype, header = _idx_header(where, raw)
+    expected = header + dtype.itemsize * math.prod(shape)
+    if len(raw) != expected:
+        raise _idx_size_error(where, shape, dtype, expected, len(raw))
+    return np.frombuffer(raw, dtype, offset=header).astype(dtype.newbyteorder("=")).reshape(shape)
+
+
+def _idx_header(where: Path, raw: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, big-endian dtype, header bytes)`` from an IDX file's first bytes (at least its
+    header, or the whole file when that is shorter)."""
     if len(raw) < 4 or raw[:2] != b"\0\0":
         found = raw[:4].hex(" ") or "(empty file)"
         raise DataError(f"{where}: not an IDX file: magic number {found}, expected 00 00 <type "
@@ -105,13 +193,42 @@ def read_idx(path) -> np.ndarray:
         raise DataError(f"{where}: truncated header: {ndim} dimensions need {header} bytes, "
                         f"the file has {len(raw)}")
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[code])
-    expected = header + dtype.itemsize * math.prod(shape)
-    if len(raw) != expected:
-        problem = "truncated" if len(raw) < expected else "trailing bytes"
-        raise DataError(f"{where}: {problem}: shape {shape} of {dtype.newbyteorder('=')} needs "
-                        f"{expected} bytes, the file has {len(raw)}")
-    return np.frombuffer(raw, dtype, offset=header).astype(dtype.newbyteorder("=")).reshape(shape)
+    return shape, np.dtype(_IDX_DTYPES[code]), header
+
+
+def _idx_size_error(where: Path, shape, dtype: np.dtype, expected: int, size: int) -> DataError:
+    problem = "truncated" if size < expected else "trailing bytes"
+    return DataError(f"{where}: {problem}: shape {shape} of {dtype.newbyteorder('=')} needs "
+                     f"{expected} bytes, the file has {size}")
+
+
+def _read_idx_rows(where: Path, rows: Rows) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Rows ``rows`` of an IDX file, and the file's whole shape (see :func:`read_idx`)."""
+    with _reading(where), where.open("rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        stream = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+        head = stream.read(4)
+        if len(head) == 4 and head[:2] == b"\0\0":
+            head += stream.read(4 * head[3])
+        shape, dtype, header = _idx_header(where, head)
+        row_bytes = dtype.itemsize * math.prod(shape[1:])
+        expected = header + row_bytes * shape[0]
+        if not gz and (size := os.fstat(f.fileno()).st_size) != expected:  # checks the whole file
+            raise _idx_size_error(where, shape, dtype, expected, size)
+        rows = _resolve_rows(rows, shape[0], where)
+        wanted = (rows.stop - rows.start) * row_bytes
+        payload = bytearray()
+        if wanted:
+            stream.seek(header + rows.start * row_bytes)  # gzip: decompresses, and discards
+            payload = _read_exactly(stream, wanted)
+        if len(payload) < wanted:  # a gzipped file whose data ends early (a raw one that shrank)
+            raise _idx_size_error(where, shape, dtype, expected, stream.tell())
+        if gz and wanted and rows.stop == shape[0] and stream.read(1):  # checks the CRC too
+            raise DataError(f"{where}: trailing bytes: shape {shape} of "
+                            f"{dtype.newbyteorder('=')} needs {expected} bytes, the file has more")
+    array = np.frombuffer(payload, dtype).astype(dtype.newbyteorder("="), copy=False)
+    return array.reshape(rows.stop - rows.start, *shape[1:]), shape
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -120,12 +237,16 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return next((directory / n for n in names if (directory / n).is_file()), None)
 
 
-def load_idx_dir(directory, name: str) -> Dataset:
+def load_idx_dir(directory, name: str, train_rows: Rows | None = None) -> Dataset:
     """Loads an MNIST-like data set, ``name``, from a directory of its four IDX files.
 
     The files are ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
     ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each raw or gzipped (``.gz``),
     also with a dot before ``idx`` (``train-images.idx3-ubyte``) as some mirrors name them.
+
+    With ``train_rows`` (a slice, or a function of the training set's size giving one), only
+    those training rows are read (:func:`read_idx`); the test set is read whole. Shapes, dtypes
+    and counts are checked from the training files' headers before any row is read.
 
     Returns:
       A :class:`Dataset`: x (n, height, width, 1) float32 in [0, 1], y (n,) int32.
@@ -133,6 +254,7 @@ def load_idx_dir(directory, name: str) -> Dataset:
     Raises:
       DataError: a missing directory or file, a damaged file, images not 3-D uint8, labels not
         1-D uint8, no examples, image and label counts or train and test image sizes differ.
+      IndexError, TypeError: ``train_rows`` is not a contiguous slice within the training set.
     """
     directory = Path(directory).absolute()  # so that messages name files in full
     paths = [_find_idx(directory, stem) for stem in _IDX_FILES]
@@ -141,33 +263,53 @@ def load_idx_dir(directory, name: str) -> Dataset:
         problem = f"lacks {missing}" if directory.is_dir() else "does not exist"
         how = _HOW_TO_GET.get(name, "put the four IDX files in it")
         raise DataError(f"{name}: directory {directory} {problem}; to get the data, {how}")
-    arrays = [read_idx(p) for p in paths]
-    for p, a, ndim in zip(paths, arrays, (3, 1, 3, 1)):
-        if a.ndim != ndim or a.dtype != np.uint8:
-            raise DataError(f"{p}: expected a {ndim}-D uint8 array, got shape {a.shape} of "
-                            f"{a.dtype}")
-    x_train, y_train, x_test, y_test = arrays
+    if train_rows is None:
+        arrays = [read_idx(p) for p in paths]
+        _check_idx_set(paths, [(a.shape, a.dtype) for a in arrays])
+        x_train, y_train, x_test, y_test = arrays
+        rows = n_train = None
+    else:  # headers first (an empty range reads nothing else), then the rows
+        headers = [_read_idx_rows(p, slice(0, 0)) for p in paths[:2]]
+        x_test, y_test = (read_idx(p) for p in paths[2:])
+        _check_idx_set(paths, [(shape, a.dtype) for a, shape in headers]
+                       + [(a.shape, a.dtype) for a in (x_test, y_test)])
+        n_train = headers[0][1][0]
+        rows = _resolve_rows(train_rows, n_train, paths[0])
+        x_train, y_train = (read_idx(p, rows) for p in paths[:2])
+    return _dataset(x_train[..., None], y_train, x_test[..., None], y_test, name,  # channels-last
+                    rows, n_train)
+
+
+def _check_idx_set(paths: list[Path], arrays: list[tuple[tuple[int, ...], np.dtype]]) -> None:
+    """Checks the ``(shape, dtype)`` of the four IDX files of a data set."""
+    for p, (shape, dtype), ndim in zip(paths, arrays, (3, 1, 3, 1)):
+        if len(shape) != ndim or dtype != np.uint8:
+            raise DataError(f"{p}: expected a {ndim}-D uint8 array, got shape {shape} of {dtype}")
+    (x_train, _), _, (x_test, _), _ = arrays
     for i in (0, 2):
-        if len(arrays[i]) != len(arrays[i + 1]) or len(arrays[i]) == 0:
-            raise DataError(f"{paths[i]} has {len(arrays[i])} images but {paths[i + 1]} has "
-                            f"{len(arrays[i + 1])} labels; expected the same number, at least 1")
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{paths[2]}: images are {x_test.shape[1:]}, but the training images "
-                        f"in {paths[0]} are {x_train.shape[1:]}")
-    return _dataset(x_train[..., None], y_train, x_test[..., None], y_test, name)  # channels-last
+        images, labels = arrays[i][0][0], arrays[i + 1][0][0]
+        if images != labels or images == 0:
+            raise DataError(f"{paths[i]} has {images} images but {paths[i + 1]} has {labels} "
+                            "labels; expected the same number, at least 1")
+    if x_train[1:] != x_test[1:]:
+        raise DataError(f"{paths[2]}: images are {x_test[1:]}, but the training images "
+                        f"in {paths[0]} are {x_train[1:]}")
 
 
-def load_fashion_mnist(data_dir=None) -> Dataset:
+def load_fashion_mnist(data_dir=None, train_rows: Rows | None = None) -> Dataset:
     """Loads Fashion-MNIST (60000 train, 10000 test (28, 28, 1) images, 10 classes) from
-    ``data_dir``, by default where Debian's ``dataset-fashion-mnist`` puts its four IDX files."""
-    return load_idx_dir(FASHION_MNIST_DIR if data_dir is None else data_dir, "fashion-mnist")
+    ``data_dir``, by default where Debian's ``dataset-fashion-mnist`` puts its four IDX files.
+    ``train_rows``: read only those training rows (see :func:`load_idx_dir`)."""
+    return load_idx_dir(FASHION_MNIST_DIR if data_dir is None else data_dir, "fashion-mnist",
+                        train_rows)
 
 
-def load_mnist(data_dir) -> Dataset:
-    """Loads MNIST (60000 train, 10000 test (28, 28, 1) images) from ``data_dir``, not None."""
+def load_mnist(data_dir, train_rows: Rows | None = None) -> Dataset:
+    """Loads MNIST (60000 train, 10000 test (28, 28, 1) images) from ``data_dir``, not None.
+    ``train_rows``: read only those training rows (see :func:`load_idx_dir`)."""
     if data_dir is None:
         raise DataError(f"mnist: no data directory given; {_HOW_TO_GET['mnist']}")
-    return load_idx_dir(data_dir, "mnist")
+    return load_idx_dir(data_dir, "mnist", train_rows)
 
 
 def _read_npz(path, where, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -191,13 +333,17 @@ def _read_npz(path, where, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         raise DataError(f"{where}: cannot read as .npz: {type(e).__name__}: {e}") from e
 
 
-def load_digits() -> Dataset:
+def load_digits(train_rows: Rows | None = None) -> Dataset:
     """Loads the UCI handwritten digits (scikit-learn's copy) embedded in jaxnet.
 
     1797 images of 8x8 pixels, 10 classes. The split is fixed and stratified: for each class
     in turn, a permutation from ``np.random.default_rng(0)`` sends the first ``round(0.8 * n)``
     of its examples to train and the rest to test; each set keeps the file's order. This gives
     **1438 training and 359 test examples**.
+
+    ``train_rows`` keeps only those training rows (a slice, or a function of 1438 giving one).
+    The embedded file is tiny (~120 KB) and the split needs every label, so it is read whole
+    and then sliced.
 
     Returns:
       A :class:`Dataset`: x (n, 8, 8, 1) float32 in [0, 1] (counts 0..16 / 16), y (n,) int32.
@@ -210,16 +356,30 @@ def load_digits() -> Dataset:
     for c in range(10):
         members = rng.permutation(np.flatnonzero(labels == c))
         is_train[members[:round(0.8 * len(members))]] = True
-    return Dataset(images[is_train], labels[is_train], images[~is_train], labels[~is_train],
-                   10, "digits")
+    dataset = Dataset(images[is_train], labels[is_train], images[~is_train], labels[~is_train],
+                      10, "digits")
+    if train_rows is None:
+        return dataset
+    rows = _resolve_rows(train_rows, len(dataset.x_train), "digits training set")
+    return dataset._replace(x_train=dataset.x_train[rows], y_train=dataset.y_train[rows],
+                            train_rows=rows, train_examples=len(dataset.x_train))
 
 
-def load_npz(path) -> Dataset:
+def load_npz(path, train_rows: Rows | None = None) -> Dataset:
     """Loads a user's .npz file with arrays ``x_train, y_train, x_test, y_test``.
 
     The file is read with ``allow_pickle=False``; its stem becomes ``Dataset.name``. The example
     shape is kept as given (no channel axis is added). uint8 inputs are scaled by 1/255; other
     numeric inputs are cast to float32 as they are.
+
+    With ``train_rows`` (a slice, or a function of the training set's size giving one), only
+    those rows of ``x_train`` and ``y_train`` are read; the test arrays are read whole. Shapes,
+    dtypes and counts are checked from the members' ``.npy`` headers first; values (finite
+    inputs, label range) only in the rows read. An uncompressed member (``np.savez``) is read
+    from the rows' offset in the file: only their bytes. A compressed one (``np.savez_compressed``)
+    cannot seek: it is decompressed as a stream up to the last row, the bytes before the first
+    discarded. A Fortran-order member (rows not contiguous) is read whole, then sliced. Member
+    CRCs are checked only when a member is read to its end.
 
     Returns:
       A :class:`Dataset`: x (n, *example) float32, y (n,) int32.
@@ -227,9 +387,15 @@ def load_npz(path) -> Dataset:
     Raises:
       DataError: an unreadable or non-.npz file, a missing or object array, x not numeric or not
         finite, labels not 1-D non-negative integers, counts 0 or unequal, or example shapes differ.
+      IndexError, TypeError: ``train_rows`` is not a contiguous slice within the training set.
     """
     where = Path(path).absolute()
-    a = _read_npz(where, where, ("x_train", "y_train", "x_test", "y_test"))
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    rows = n_train = None
+    if train_rows is None:
+        a = _read_npz(where, where, keys)
+    else:
+        a, rows, n_train = _read_npz_rows(where, keys, train_rows)
     for split in ("train", "test"):
         x, y = a["x_" + split], a["y_" + split]
         if x.dtype.kind not in "uif" or x.ndim == 0:
@@ -242,22 +408,119 @@ def load_npz(path) -> Dataset:
         if y.dtype.kind not in "ui" or y.ndim != 1:
             raise DataError(f"{where}: y_{split} must be a 1-D integer array of labels, got "
                             f"shape {y.shape} of {y.dtype}")
-        if len(x) != len(y) or len(y) == 0:
+        if len(x) != len(y) or len(y) == 0 and not (rows is not None and split == "train"):
             raise DataError(f"{where}: x_{split} has {len(x)} examples but y_{split} has {len(y)}"
                             " labels; expected the same number, at least 1")
-        if y.min() < 0 or y.max() > np.iinfo(np.int32).max:
+        if len(y) and (y.min() < 0 or y.max() > np.iinfo(np.int32).max):
             raise DataError(f"{where}: y_{split} labels must be in [0, 2**31), found "
                             f"{y.min()}..{y.max()}")
     if a["x_train"].shape[1:] != a["x_test"].shape[1:]:
         raise DataError(f"{where}: x_train examples have shape {a['x_train'].shape[1:]} but "
                         f"x_test examples {a['x_test'].shape[1:]}")
-    return _dataset(a["x_train"], a["y_train"], a["x_test"], a["y_test"], Path(path).stem)
+    return _dataset(a["x_train"], a["y_train"], a["x_test"], a["y_test"], Path(path).stem,
+                    rows, n_train)
 
 
-def load_dataset(name: str, data_dir=None, path=None) -> Dataset:
+def _read_npz_rows(where: Path, keys: tuple[str, ...], train_rows: Rows
+                   ) -> tuple[dict[str, np.ndarray], slice, int]:
+    """``x_train`` and ``y_train``: only rows ``train_rows``; the other keys whole; also the
+    slice and the training set's size. Headers are checked (as :func:`load_npz` checks the
+    arrays) before any row is read."""
+    with _reading(where, "read as .npz"), where.open("rb") as f:
+        archive = np.load(f, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{where}: not an .npz archive (a single .npy array?), expected "
+                            f"arrays {', '.join(keys)}")
+        missing = [k for k in keys if k not in archive.files]
+        if missing:
+            raise DataError(f"{where}: missing arrays {', '.join(missing)}; it has "
+                            f"{', '.join(archive.files) or 'none'}, expected {', '.join(keys)}")
+        members = {k: _npy_member(archive.zip, k) for k in ("x_train", "y_train")}
+        (x_shape, x_dtype), (y_shape, y_dtype) = ((m.shape, m.dtype) for m in members.values())
+        if x_dtype.kind not in "uif" or len(x_shape) == 0:
+            raise DataError(f"{where}: x_train must be a numeric (integer or float) array with a "
+                            f"leading example axis, got shape {x_shape} of {x_dtype}")
+        if y_dtype.kind not in "ui" or len(y_shape) != 1:
+            raise DataError(f"{where}: y_train must be a 1-D integer array of labels, got shape "
+                            f"{y_shape} of {y_dtype}")
+        if x_shape[0] != y_shape[0] or x_shape[0] == 0:
+            raise DataError(f"{where}: x_train has {x_shape[0]} examples but y_train has "
+                            f"{y_shape[0]} labels; expected the same number, at least 1")
+        rows = _resolve_rows(train_rows, x_shape[0], f"{where}: x_train")
+        arrays = {k: _read_member_rows(f, archive.zip, m, rows, where)
+                  for k, m in members.items()}
+        arrays.update((k, archive[k]) for k in keys if k not in arrays)
+    return arrays, rows, x_shape[0]
+
+
+class _NpyMember(NamedTuple):
+    """A ``.npy`` member of a zip archive, as its header describes it."""
+
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    header_size: int  # bytes before the values
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy_member(archive: zipfile.ZipFile, key: str) -> _NpyMember:
+    """The header of member ``key`` (``key.npy``), read without reading its values."""
+    names = archive.namelist()
+    info = archive.getinfo(key + ".npy" if key + ".npy" in names else key)
+    with archive.open(info) as member:  # checks the member's local header (and encryption)
+        version = np.lib.format.read_magic(member)
+        if version not in _NPY_HEADER_READERS:
+            raise ValueError(f"{key}: .npy format version {version} is not supported")
+        shape, fortran_order, dtype = _NPY_HEADER_READERS[version](member)
+        header_size = member.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{key} holds Python objects, which are not loaded (allow_pickle=False)")
+    if info.file_size != header_size + dtype.itemsize * math.prod(shape):
+        raise ValueError(f"{key}: shape {shape} of {dtype} needs "
+                         f"{header_size + dtype.itemsize * math.prod(shape)} bytes, the member "
+                         f"has {info.file_size}")
+    return _NpyMember(info, tuple(shape), dtype, fortran_order, header_size)
+
+
+def _read_member_rows(f, archive: zipfile.ZipFile, member: _NpyMember, rows: slice,
+                      where: Path) -> np.ndarray:
+    """Rows ``rows`` of a ``.npy`` member; ``f`` is the archive's open file."""
+    info, shape, dtype = member.info, member.shape, member.dtype
+    if member.fortran_order and len(shape) > 1:  # a row's values are spread over the member
+        with archive.open(info) as stream:
+            return np.lib.format.read_array(stream, allow_pickle=False)[rows]
+    row_bytes = dtype.itemsize * math.prod(shape[1:])
+    wanted = (rows.stop - rows.start) * row_bytes
+    payload = bytearray()
+    if wanted and info.compress_type == zipfile.ZIP_STORED:  # the values lie as they are in f
+        f.seek(info.header_offset)
+        local = f.read(30)  # the member's local header, then its name and extra field
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise DataError(f"{where}: {info.filename}: damaged local zip header")
+        name_size, extra_size = struct.unpack("<HH", local[26:30])
+        values = info.header_offset + 30 + name_size + extra_size + member.header_size
+        f.seek(values + rows.start * row_bytes)
+        payload = _read_exactly(f, wanted)
+    elif wanted:  # a compressed member cannot seek: decompress up to the rows, keep only them
+        with archive.open(info) as stream:
+            stream.seek(member.header_size + rows.start * row_bytes)
+            payload = _read_exactly(stream, wanted)
+    if len(payload) < wanted:
+        raise DataError(f"{where}: {info.filename}: truncated: rows {rows.start}:{rows.stop} "
+                        f"need {wanted} bytes, found {len(payload)}")
+    array = np.frombuffer(payload, dtype).astype(dtype.newbyteorder("="), copy=False)
+    return array.reshape(rows.stop - rows.start, *shape[1:])
+
+
+def load_dataset(name: str, data_dir=None, path=None, train_rows: Rows | None = None) -> Dataset:
     """Loads a data set by name, one of :data:`DATASETS`. ``data_dir`` is for fashion-mnist
-    (optional) and mnist (required), ``path`` for npz (required). Raises DataError for an
-    unknown name or a missing or unused argument."""
+    (optional) and mnist (required), ``path`` for npz (required); with ``train_rows`` (a slice
+    or a function of the training set's size giving one) only those training rows are read.
+    Raises DataError for an unknown name or a missing or unused argument."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     takes = {"fashion-mnist": "data_dir", "mnist": "data_dir", "npz": "path"}.get(name)
@@ -267,8 +530,10 @@ def load_dataset(name: str, data_dir=None, path=None) -> Dataset:
     if name == "npz" and path is None:
         raise DataError("npz: no path given; pass an .npz file with x_train, y_train, x_test, "
                         "y_test")
-    loaders = {"digits": load_digits, "fashion-mnist": lambda: load_fashion_mnist(data_dir),
-               "mnist": lambda: load_mnist(data_dir), "npz": lambda: load_npz(path)}
+    loaders = {"digits": lambda: load_digits(train_rows),
+               "fashion-mnist": lambda: load_fashion_mnist(data_dir, train_rows),
+               "mnist": lambda: load_mnist(data_dir, train_rows),
+               "npz": lambda: load_npz(path, train_rows)}
     return loaders[name]()
 
 

@@ -26,6 +26,7 @@ import optax
 
 from jaxnet import data as datasets
 from jaxnet import data_parallel
+from jaxnet import data_shards
 from jaxnet import models
 from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                restore_checkpoint, save_checkpoint)
@@ -110,12 +111,21 @@ def _is_count(value, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def load_data(config: RunConfig) -> tuple[datasets.Dataset, dict[str, float]]:
+def load_data(config: RunConfig, mesh: jax.sharding.Mesh | None = None
+              ) -> tuple[datasets.Dataset, dict[str, float]]:
     """The config's data set, standardised with the training set's mean and std when asked.
+
+    With a ``mesh`` spanning several processes, each process reads only its block of training
+    rows, ``data_parallel.process_rows(n, mesh)`` (``dataset.train_rows``), and the test set
+    whole; the statistics and ``num_classes`` are still the whole data set's
+    (:func:`jaxnet.data_shards.load_process_shard`; every process must call this alike).
 
     Returns:
       ``(dataset, stats)`` where ``stats = {"mean": m, "std": s}`` (0 and 1 when not standardised).
     """
+    if data_shards.spans_processes(mesh):
+        return data_shards.load_process_shard(config.dataset, mesh=mesh, data_dir=config.data_dir,
+                                              path=config.data, standardize=config.standardize)
     dataset = datasets.load_dataset(config.dataset, data_dir=config.data_dir, path=config.data)
     if not config.standardize:
         return dataset, {"mean": 0.0, "std": 1.0}
@@ -178,7 +188,9 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
         to that checkpoint's epoch first. The result is bitwise that of an uninterrupted run.
 
     Returns:
-      ``(state, history, network, dataset)``; ``history`` has every epoch of the run.
+      ``(state, history, network, dataset)``; ``history`` has every epoch of the run. In a
+      multi-process run ``dataset`` holds only this process's training rows
+      (``dataset.train_rows`` of ``dataset.num_train``; see :func:`load_data`).
 
     Raises:
       CheckpointError: (``resume``) the latest checkpoint is damaged or from another run;
@@ -193,14 +205,16 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
                          "to resume")
     mesh = data_parallel.data_mesh(config.devices)  # several processes: process 0 writes files
     writes = out_dir is not None and data_parallel.is_main_process()
-    dataset, stats = load_data(config)
-    data_parallel.check_batch_size(mesh, min(config.batch_size, len(dataset.x_train)), "batch-size")
+    dataset, stats = load_data(config, mesh)  # several processes: each reads only its rows
+    n_train = dataset.num_train
+    data_parallel.check_batch_size(mesh, min(config.batch_size, n_train), "batch-size")
     net = build_model(config, dataset.num_classes)
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
-    params, model_state = net.init_with_state(init_key, dataset.x_train[:1])
+    # x_test: the same example shape, and never empty (this process may hold no training rows)
+    params, model_state = net.init_with_state(init_key, dataset.x_test[:1])
     if config.init_scale != 1:
         params = jax.tree.map(lambda p: p * jnp.asarray(config.init_scale, p.dtype), params)
-    steps_per_epoch = math.ceil(len(dataset.x_train) / min(config.batch_size, len(dataset.x_train)))
+    steps_per_epoch = math.ceil(n_train / min(config.batch_size, n_train))
     optimizer = build_optimizer(config, steps_per_epoch)
     state = init_train_state(net, optimizer, params, model_state=model_state, key=run_key)
     history, on_epoch = [], None
@@ -221,7 +235,8 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
                          eval_data=(dataset.x_test, dataset.y_test),
                          progress=progress if data_parallel.is_main_process() else False,
                          on_epoch=on_epoch, on_nan=config.on_nan, precision=config.precision,
-                         mesh=mesh if mesh.size > 1 else None)  # one device: the plain path
+                         mesh=mesh if mesh.size > 1 else None,  # one device: the plain path
+                         num_examples=None if dataset.train_rows is None else n_train)
     except FloatingPointError as error:
         if out_dir is None:
             raise
@@ -304,7 +319,7 @@ def read_config(run_dir: Path) -> tuple[RunConfig, dict]:
 def _data_record(dataset: datasets.Dataset, stats: dict[str, float]) -> dict[str, Any]:
     return {"name": dataset.name, "num_classes": dataset.num_classes,
             "example_shape": list(dataset.x_train.shape[1:]),
-            "train_examples": len(dataset.x_train), "test_examples": len(dataset.x_test), **stats}
+            "train_examples": dataset.num_train, "test_examples": len(dataset.x_test), **stats}
 
 
 def _check_same_data(out_dir: Path, dataset: datasets.Dataset, stats: dict[str, float]) -> None:

@@ -134,7 +134,8 @@ def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossF
 
     def objective(params):
         logits, model_state = apply_with_policy(net, policy, params, state.model_state, x,
-                                                key=step_key, train=True, drop_rate=drop_rate)
+                                                key=step_key, train=True, drop_rate=drop_rate,
+                                                reverse_only=True)
         losses = loss(logits, y)
         if weights is None:
             mean = jnp.mean(losses)
@@ -162,7 +163,7 @@ def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossF
 
 def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
                     loss: LossFn = softmax_cross_entropy, *,
-                    precision: str | Policy | None = None):
+                    precision: str | Policy | None = None) -> TrainStep:
     """A jitted ``step(state, x, y) -> (state, metrics)`` that donates ``state``'s buffers.
 
     ``metrics`` is ``{"loss": mean loss, "accuracy": fraction correct}`` (float32 scalars on the
@@ -171,11 +172,38 @@ def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
     """
     get_training_policy(precision, "make_train_step")  # an unknown name fails here, not at the first step
 
-    def step(state, x, y):
-        state, sums = train_batch(net, optimizer, loss, state, x, y, precision=precision)
-        return state, {"loss": sums.loss / sums.count, "accuracy": sums.correct / sums.count}
+    def step(trained, step, key, x, y):
+        state, sums = train_batch(net, optimizer, loss, TrainState(*trained, step, key), x, y,
+                                  precision=precision)
+        metrics = {"loss": sums.loss / sums.count, "accuracy": sums.correct / sums.count}
+        return (state.params, state.model_state, state.opt_state), state.step, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return TrainStep(jax.jit(step, donate_argnums=(0, 1)), net.needs_key)
+
+
+class TrainStep:
+    """``step(state, x, y) -> (state, metrics)``, from :func:`make_train_step`.
+
+    The compiled program takes the state's params, model state, optimizer state and step (all
+    donated) and its key only when the network draws random numbers (dropout); the returned
+    state keeps the same key. Passing a typed PRNG key in and out of a jitted call costs ~5-8 us
+    of dispatch on CPU, as much as a whole step of a small MLP (docs/performance.md).
+    ``lower(state, x, y)`` lowers the program for inspection, as ``jax.jit``'s does.
+    """
+
+    def __init__(self, jitted, needs_key: bool):
+        self._jitted, self._needs_key = jitted, needs_key
+
+    def _arguments(self, state: TrainState, x, y) -> tuple:
+        return ((state.params, state.model_state, state.opt_state), state.step,
+                state.key if self._needs_key else None, x, y)
+
+    def __call__(self, state: TrainState, x, y) -> tuple[TrainState, dict[str, jax.Array]]:
+        trained, step, metrics = self._jitted(*self._arguments(state, x, y))
+        return TrainState(*trained, step, state.key), metrics
+
+    def lower(self, state: TrainState, x, y):
+        return self._jitted.lower(*self._arguments(state, x, y))
 
 
 def shuffled_order(key: jax.Array, n: int) -> jax.Array:
@@ -186,7 +214,20 @@ def shuffled_order(key: jax.Array, n: int) -> jax.Array:
     keys is uniform except that the rare equal keys keep their index order.
     """
     keys = jax.random.bits(key, (n,), jnp.uint32)
-    return jax.lax.sort_key_val(keys, jnp.arange(n, dtype=jnp.int32))[1]
+    return jax.lax.platform_dependent(keys, cpu=_sort_packed, default=_sort_key_val)
+
+
+def _sort_key_val(keys: jax.Array) -> jax.Array:
+    return jax.lax.sort_key_val(keys, jnp.arange(keys.shape[0], dtype=jnp.int32))[1]
+
+
+def _sort_packed(keys: jax.Array) -> jax.Array:
+    """The same permutation as :func:`_sort_key_val`, from one sort of ``key << 32 | index`` as
+    uint64: XLA:CPU sorts one array of numbers ~5x faster than keys with a payload (1.6 against
+    9.4 ms for 32,000), which was a third of a small MLP's epoch."""
+    with jax.enable_x64(True):
+        packed = keys.astype(jnp.uint64) << 32 | jnp.arange(keys.shape[0], dtype=jnp.uint64)
+        return (jax.lax.sort(packed) & 0xFFFFFFFF).astype(jnp.int32)
 
 
 def _padded_batches(n: int, batch_size: int) -> tuple[int, np.ndarray | None]:
@@ -330,7 +371,8 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         on_epoch: Callable[[dict, TrainState], None] | None = None,
         on_nan: str = "stop",
         precision: str | Policy | None = None,
-        mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, list[dict]]:
+        mesh: jax.sharding.Mesh | None = None,
+        num_examples: int | None = None) -> tuple[TrainState, list[dict]]:
     """Trains ``net`` with each epoch compiled into one program that runs on the device.
 
     Args:
@@ -363,6 +405,10 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         state is replicated, and XLA inserts the gradient all-reduce. ``batch_size`` must be a multiple of the number of devices. In a
         multi-process run every process calls ``fit`` with the same data; each places only its
         block of rows. Results equal a one-device run's up to float rounding.
+      num_examples: with ``mesh``: the size of the whole training set, when ``train_data``
+        holds only this process's block of it, rows ``data_parallel.process_rows(num_examples,
+        mesh)`` (as :func:`jaxnet.run.train` loads them in a multi-process run); the results
+        are those of passing the whole set. Labels are checked only in this block.
 
     Returns:
       ``(state, history)``: the final ``TrainState`` and one dict per epoch with ``epoch,
@@ -385,20 +431,30 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
     check_params(policy, params.params if isinstance(params, TrainState) else params, "fit")
     x, y = map(jnp.asarray if mesh is None else np.asarray, train_data)  # a mesh: placed below
     n = x.shape[0]
-    _check_data(net, params.params if isinstance(params, TrainState) else params, x, y,
-                "train_data")
+    if num_examples is not None:  # this process's rows only: placed with parallel.shard_rows
+        if mesh is None:
+            raise ValueError("fit: num_examples is for a mesh (train_data then holds one "
+                             "process's rows); pass mesh too, or the whole train_data alone")
+        n = num_examples
+    if x.shape[0] or num_examples is None:  # a process's block may be empty (padding only)
+        _check_data(net, params.params if isinstance(params, TrainState) else params, x, y,
+                    "train_data")
     if isinstance(params, TrainState):
         state = params
     else:
         if model_state is None and net.has_state:
-            model_state = net.init_with_state(jax.random.key(0), x[:1])[1]
+            model_state = net.init_with_state(
+                jax.random.key(0), jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))[1]
         state = init_train_state(net, optimizer, params, model_state=model_state, key=key)
     state = jax.tree.map(jnp.copy, state)  # the epochs donate it; the caller's arrays stay valid
     batch_size = min(batch_size, n)
     shardings, epoch_layout, eval_layout = {}, None, None
     if mesh is not None:  # data parallel; the layout is described in jaxnet/data_parallel.py
         parallel.check_batch_size(mesh, batch_size, "fit: batch_size")
-        x, y = parallel.place_rows(mesh, x), parallel.place_rows(mesh, y)
+        if num_examples is None:
+            x, y = parallel.place_rows(mesh, x), parallel.place_rows(mesh, y)
+        else:
+            x, y = parallel.shard_rows(mesh, x, n), parallel.shard_rows(mesh, y, n)
         state = parallel.replicate(mesh, state)
         shardings = {"out_shardings": parallel.replicated(mesh)}
         epoch_layout, eval_layout = parallel.row_sharding(mesh, 1), parallel.row_sharding(mesh)

@@ -54,13 +54,14 @@ def trained_state(key, rng, net=None, optimizer=None, epochs=1):
     return state
 
 
-def assert_states_equal(a, b):
+def assert_states_equal(a, b, rtol=0.0):
+    """Bit for bit by default; ``rtol``: floats may differ by rounding (different programs)."""
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert u.dtype == v.dtype and u.shape == v.shape
         if jnp.issubdtype(u.dtype, jax.dtypes.prng_key):
             u, v = jax.random.key_data(u), jax.random.key_data(v)
-        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=rtol)
 
 
 def rewrite_manifest(ckpt: Path, change) -> None:
@@ -325,7 +326,8 @@ def test_skip_leaves_out_non_finite_batches_inside_the_compiled_step(key, rng):
                                          batch_size=16, progress=False, on_nan=on_nan)
     clean_stop, _ = fit((x, y), "stop")
     clean_skip, history = fit((x, y), "skip")
-    assert_states_equal(clean_stop, clean_skip)  # nothing to skip: the same bits
+    # nothing to skip: the same numbers up to rounding (the check changes XLA's fusion choices)
+    assert_states_equal(clean_stop, clean_skip, rtol=1e-6)
     assert [r["skipped_batches"] for r in history] == [0, 0, 0]
     x_bad = x.copy()
     x_bad[5, 0] = np.nan  # one example: one batch per epoch

@@ -480,11 +480,13 @@ def test_block_max_pool_shares_the_gradient_at_ties():
 
 
 def test_cnn_gradient_step_inside_scan_matches_per_step(key, rng):
-    """Training mode (the canonical-gradient path) inside a scan equals eval mode's lax gradients."""
+    """The reverse-only path (canonical conv gradients, transposed Dense weight gradients) inside a
+    scan equals plain lax gradients."""
     net = jn.serial(jn.Conv2D(4, 3), jn.relu, jn.MaxPool((2, 2)), jn.Flatten(), jn.Dense(3))
     x = jnp.asarray(rng.normal(size=(3, 4, 8, 8, 1)), jnp.float32)
     params = net.init(key, x[0, :1])
-    grad = jax.grad(lambda p, xb: jnp.sum(net.apply(p, xb, train=True) ** 2))
+    fast = lambda p, xb: net.apply_with_state(p, {}, xb, reverse_only=True)[0]
+    grad = jax.grad(lambda p, xb: jnp.sum(fast(p, xb) ** 2))
     lax_grad = jax.grad(lambda p, xb: jnp.sum(net.apply(p, xb) ** 2))
     per_step = [jax.jit(lax_grad)(params, xb) for xb in x]
     scanned = jax.jit(lambda p, xs: jax.lax.scan(lambda c, xb: (c, grad(p, xb)), 0, xs)[1])(params, x)

@@ -5,7 +5,9 @@ Every file is built here in tmp_path; no test needs a downloaded data set.
 
 import gzip
 import io
+import os
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -403,6 +405,19 @@ def test_fuzz_read_idx_mutated_gzip_stream(tmp_path, content):
     only_data_errors(data.read_idx, tmp_path / "z", content)
 
 
+@FUZZ
+@given(content=mutations(IDX) | mutations(gzip.compress(IDX, mtime=0)), gz=st.booleans(),
+       part=st.sampled_from([(0, 1), (1, 2), (0, 0), (1, 1)]))
+def test_fuzz_read_idx_rows(tmp_path, content, gz, part):
+    """Rows of a damaged file: a DataError, or a bad range's IndexError, nothing else."""
+    rows = lambda n: slice(n * part[0] // 2, n * part[1] // 2)  # first or last half, or empty
+    try:
+        only_data_errors(lambda p: data.read_idx(p, rows), tmp_path / "m",
+                         gzip.compress(content) if gz else content)
+    except IndexError as error:
+        assert "are not within its" in str(error)
+
+
 def npz_bytes(compressed):
     buffer = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buffer, **npz_arrays())
@@ -413,6 +428,16 @@ def npz_bytes(compressed):
 @given(content=st.binary(max_size=64) | mutations(npz_bytes(False)) | mutations(npz_bytes(True)))
 def test_fuzz_load_npz(tmp_path, content):
     only_data_errors(data.load_npz, tmp_path / "f.npz", content)
+
+
+@FUZZ
+@given(content=mutations(npz_bytes(False)) | mutations(npz_bytes(True)),
+       rows=st.sampled_from([slice(0, 3), slice(3, 6), slice(2, 2)]))
+def test_fuzz_load_npz_rows(tmp_path, content, rows):
+    try:
+        only_data_errors(lambda p: data.load_npz(p, rows), tmp_path / "f.npz", content)
+    except IndexError as error:
+        assert "are not within its" in str(error)
 
 
 ANY_SHAPE = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3)
@@ -450,3 +475,213 @@ def test_fuzz_load_npz_arrays(tmp_path, arrays):
     assert ds.x_train.shape[1:] == ds.x_test.shape[1:] == arrays["x_train"].shape[1:]
     assert np.isfinite(ds.x_train).all() and len(ds.x_train) == len(ds.y_train) > 0
     assert 0 <= ds.y_train.min() and ds.y_train.max() < ds.num_classes
+
+
+# ---------------------------------------------------------------- reading only some rows
+
+RANGES = [slice(0, 3), slice(3, 7), slice(7, 10), slice(4, 4), slice(10, 10)]  # first .. empty
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("rows", RANGES)
+def test_read_idx_rows_equal_a_slice_of_the_whole(tmp_path, rng, gz, rows):
+    images = rng.integers(0, 256, (10, 4, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 10).astype(np.uint8)
+    for name, array in (("images", images), ("labels", labels)):
+        path = write(tmp_path / name, idx_bytes(array), gz)
+        part = data.read_idx(path, rows)
+        assert part.dtype == np.uint8 and part.shape == array[rows].shape
+        np.testing.assert_array_equal(part, data.read_idx(path)[rows])
+    part[...] = 0  # writable, like a whole read
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_rows_of_multibyte_values_and_a_function_of_the_count(tmp_path, rng, gz):
+    array = (rng.normal(size=(7, 2, 3)) * 1000).astype(np.int16)  # big-endian in the file
+    path = write(tmp_path / "a", idx_bytes(array), gz)
+    part = data.read_idx(path, lambda n: slice(n - 3, n))
+    assert part.dtype == np.int16 and part.dtype.isnative
+    np.testing.assert_array_equal(part, array[4:])
+    np.testing.assert_array_equal(data.read_idx(path, slice(None, 2)), array[:2])
+
+
+@pytest.mark.parametrize("rows, error, message", [
+    (slice(-1, 3), IndexError, r"rows -1:3 are not within its 10 rows; expected 0 <= start <= "
+                               r"stop <= 10"),
+    (slice(8, 11), IndexError, "rows 8:11 are not within its 10 rows"),
+    (slice(5, 4), IndexError, "rows 5:4 are not within its 10 rows"),
+    (slice(0, 4, 2), TypeError, r"rows must be a contiguous slice start:stop, got slice\(0, 4, 2\)"),
+    (3, TypeError, "rows must be a contiguous slice start:stop, got 3"),
+    (lambda n: slice(0, n + 1), IndexError, "rows 0:11 are not within its 10 rows"),
+])
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_rows_rejects_bad_ranges(tmp_path, gz, rows, error, message):
+    path = write(tmp_path / "a", idx_bytes(np.zeros((10, 2), np.uint8)), gz)
+    with pytest.raises(error, match=in_message(path) + ": " + message):
+        data.read_idx(path, rows)
+
+
+@pytest.mark.parametrize("rows", [slice(0, 1), slice(9, 10), slice(0, 0)])
+def test_read_idx_rows_checks_a_raw_file_whole_from_its_size(tmp_path, rows):
+    """Truncated or too long anywhere: found from the header and the size, whatever the rows."""
+    content = idx_bytes(np.zeros((10, 2), np.uint8))  # 12 + 20 bytes
+    short, long = write(tmp_path / "short", content[:-1]), write(tmp_path / "long", content + b"x")
+    with pytest.raises(DataError, match=in_message(short) + ": truncated: shape \\(10, 2\\) of "
+                                                            "uint8 needs 32 bytes, the file has 31"):
+        data.read_idx(short, rows)
+    with pytest.raises(DataError, match=in_message(long) + ": trailing bytes: .*the file has 33"):
+        data.read_idx(long, rows)
+
+
+def test_read_idx_rows_of_a_damaged_gzip_file(tmp_path):
+    """gzip cannot seek: damage is found when the rows read reach it."""
+    content = idx_bytes(np.arange(20, dtype=np.uint8).reshape(10, 2))
+    short = write(tmp_path / "short.gz", content[:-3], gz=True)
+    np.testing.assert_array_equal(data.read_idx(short, slice(0, 4)), np.arange(8).reshape(4, 2))
+    with pytest.raises(DataError, match=in_message(short) + ": truncated: shape \\(10, 2\\) of "
+                                                            "uint8 needs 32 bytes, the file has 29"):
+        data.read_idx(short, slice(8, 10))
+    long = write(tmp_path / "long.gz", content + b"x", gz=True)  # the last rows look past them
+    with pytest.raises(DataError, match=in_message(long) + ": trailing bytes: .*the file has more"):
+        data.read_idx(long, slice(9, 10))
+    cut = write(tmp_path / "cut.gz", gzip.compress(content)[:-12])  # the stream itself ends early
+    with pytest.raises(DataError, match=in_message(cut) + ": cannot read: EOFError"):
+        data.read_idx(cut, slice(9, 10))
+    for content, message in ((b"\x01\x00\x08\x01", "not an IDX file"), (b"\0\0\x08\x02\0\0",
+                                                                        "truncated header")):
+        path = write(tmp_path / "bad.gz", content, gz=True)
+        with pytest.raises(DataError, match=in_message(path) + ": " + message):
+            data.read_idx(path, slice(0, 0))
+
+
+def bytes_read_by_this_process() -> int:
+    """``rchar`` of /proc/self/io: every byte this process has read through a read call."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
+def test_read_idx_rows_reads_only_the_rows_from_a_raw_file(tmp_path, rng):
+    array = rng.integers(0, 256, (2048, 32, 32), dtype=np.uint8)  # 2 MiB
+    path = write(tmp_path / "big", idx_bytes(array))
+    before = bytes_read_by_this_process()
+    part = data.read_idx(path, slice(1000, 1010))  # 10 KiB
+    rows_only = bytes_read_by_this_process() - before
+    whole = data.read_idx(path)
+    whole_file = bytes_read_by_this_process() - before - rows_only
+    np.testing.assert_array_equal(part, whole[1000:1010])
+    assert whole_file > 2 * 2**20  # the measure sees a whole read ...
+    assert rows_only < 2**18, rows_only  # ... and the rows' 10 KiB, with buffering (~14 KiB)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("rows", [slice(0, 2), slice(2, 5), slice(5, 6), slice(3, 3)])
+def test_load_npz_rows_equal_a_slice_of_the_whole(tmp_path, compressed, rows):
+    path = save_npz(tmp_path / "toy.npz", compressed)
+    whole, part = data.load_npz(path), data.load_npz(path, train_rows=rows)
+    for name in ("x_train", "y_train"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[rows])
+        assert getattr(part, name).dtype == getattr(whole, name).dtype
+    np.testing.assert_array_equal(part.x_test, whole.x_test)
+    assert (part.train_rows, part.train_examples, part.num_train) == (rows, 6, 6)
+    assert whole.train_rows is None and whole.num_train == 6 and part.name == "toy"
+
+
+def test_load_npz_rows_of_float_fortran_and_version_2_members(tmp_path, rng):
+    x = rng.normal(size=(7, 3, 2))
+    path = tmp_path / "f.npz"
+    np.savez(path, x_train=np.asfortranarray(x), y_train=np.arange(7), x_test=x[:2],
+             y_test=np.arange(2))
+    np.testing.assert_allclose(data.load_npz(path, slice(2, 6)).x_train, x[2:6], rtol=1e-6)
+    with zipfile.ZipFile(path, "w") as archive:  # .npy format 2.0 (4-byte header length)
+        for name, array in (("x_train", x), ("y_train", np.arange(7)), ("x_test", x[:2]),
+                            ("y_test", np.arange(2))):
+            with archive.open(name + ".npy", "w") as member:
+                np.lib.format.write_array(member, array, version=(2, 0))
+    np.testing.assert_allclose(data.load_npz(path, slice(5, 7)).x_train, x[5:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"y_train": np.array([0, 1])}, "x_train has 6 examples but y_train has 2 labels"),
+    ({"x_train": np.zeros((0, 3, 2)), "y_train": np.zeros(0, int)}, "x_train has 0 examples"),
+    ({"x_train": np.array(3.0)}, r"x_train must be a numeric .*shape \(\) of float64"),
+    ({"y_train": np.zeros(6)}, "y_train must be a 1-D integer array.*float64"),
+    ({"y_train": np.array([0, 1, 2, 0, -1, 2])}, r"y_train labels must be in \[0, 2\*\*31\), "
+                                                 r"found -1..2"),
+    ({"x_train": np.full((6, 3, 2), np.inf)}, "x_train has NaN or infinite values"),
+    ({"y_test": None}, "missing arrays y_test"),
+])
+def test_load_npz_rows_errors(tmp_path, overrides, message):
+    path = save_npz(tmp_path / "bad.npz", **overrides)
+    with pytest.raises(DataError, match=in_message(path) + ": " + message):
+        data.load_npz(path, train_rows=slice(3, 6))
+
+
+def test_load_npz_rows_rejects_bad_ranges_and_damaged_members(tmp_path):
+    path = save_npz(tmp_path / "toy.npz")
+    with pytest.raises(IndexError, match=in_message(path) + ": x_train: rows 4:7 are not within "
+                                                            "its 6 rows"):
+        data.load_npz(path, train_rows=slice(4, 7))
+    # Large enough that reading the header does not reach the member's end (and its CRC)
+    save_npz(path, x_train=np.zeros((2000, 3, 2), np.uint8), y_train=np.zeros(2000, int))
+    content = bytearray(path.read_bytes())
+    shape = content.index(b"'shape': (2000, 3, 2)")  # in x_train's .npy header
+    content[shape:shape + 21] = b"'shape': (2001, 3, 2)"  # more rows than the member holds
+    damaged = write(tmp_path / "damaged.npz", bytes(content))
+    with pytest.raises(DataError, match=in_message(damaged) + ": cannot read as .npz: .*x_train: "
+                                                              "shape \\(2001, 3, 2\\) of uint8 "
+                                                              "needs 12134 bytes, the member has "
+                                                              "12128"):
+        data.load_npz(damaged, train_rows=slice(0, 1))
+    with pytest.raises(DataError, match=in_message(tmp_path / "nope.npz") + ": cannot read"):
+        data.load_npz(tmp_path / "nope.npz", train_rows=slice(0, 1))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
+def test_load_npz_rows_reads_only_the_rows_of_an_uncompressed_member(tmp_path, rng):
+    x = rng.integers(0, 256, (2048, 32, 32), dtype=np.uint8)  # 2 MiB
+    path = save_npz(tmp_path / "big.npz", x_train=x, y_train=np.arange(2048) % 3,
+                    x_test=x[:4], y_test=np.arange(4))
+    before = bytes_read_by_this_process()
+    part = data.load_npz(path, train_rows=slice(100, 110))
+    rows_only = bytes_read_by_this_process() - before  # the test set, zip directory, buffering
+    assert rows_only < 2**18, rows_only  # ~58 KiB; the whole file is 2 MiB
+    np.testing.assert_array_equal(part.x_train, x[100:110] / np.float32(255))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("rows", [slice(0, 5), slice(5, 12), slice(12, 12)])
+def test_load_idx_dir_rows_equal_a_slice_of_the_whole(tmp_path, gz, rows):
+    directory = write_idx_dir(tmp_path / "d", gz=gz)
+    whole = data.load_idx_dir(directory, "toy")
+    part = data.load_dataset("mnist", data_dir=directory, train_rows=rows)
+    np.testing.assert_array_equal(part.x_train, whole.x_train[rows])
+    np.testing.assert_array_equal(part.y_train, whole.y_train[rows])
+    np.testing.assert_array_equal(part.x_test, whole.x_test)
+    assert (part.train_rows, part.num_train) == (rows, 12)
+
+
+def test_load_idx_dir_rows_checks_counts_from_the_headers(tmp_path):
+    directory = write_idx_dir(tmp_path / "d", gz=False)
+    labels = directory / "train-labels-idx1-ubyte"
+    write(labels, idx_bytes(np.zeros(11, np.uint8)))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte has 12 images but "
+                                        + in_message(labels) + " has 11 labels"):
+        data.load_idx_dir(directory, "toy", train_rows=slice(0, 1))
+    write(labels, idx_bytes(np.zeros((12, 1), np.uint8)))
+    with pytest.raises(DataError, match=in_message(labels) + r": expected a 1-D uint8 array, got "
+                                                             r"shape \(12, 1\) of uint8"):
+        data.load_idx_dir(directory, "toy", train_rows=slice(0, 1))
+    with pytest.raises(IndexError, match="train-images-idx3-ubyte: rows 0:13 are not within its "
+                                         "12 rows"):
+        data.load_idx_dir(write_idx_dir(tmp_path / "e", gz=False), "toy", slice(0, 13))
+
+
+def test_digits_rows_are_sliced_from_the_whole(tmp_path):
+    whole = data.load_digits()
+    part = data.load_dataset("digits", train_rows=lambda n: slice(n - 10, n))
+    np.testing.assert_array_equal(part.x_train, whole.x_train[-10:])
+    np.testing.assert_array_equal(part.y_test, whole.y_test)
+    assert (part.train_rows, part.num_train, part.num_classes) == (slice(1428, 1438), 1438, 10)
+    with pytest.raises(IndexError, match="digits training set: rows 0:1439 are not within"):
+        data.load_digits(slice(0, 1439))

@@ -15,6 +15,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxnet as jn
+from jaxnet import _dense_ops
 from contract import assert_contract, f64, random_params
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 layer vs float64 reference
@@ -464,3 +465,46 @@ def test_layers_are_hashable_and_comparable(layer):
     again = type(layer)(*[getattr(layer, field.name) for field in dataclasses.fields(layer)])
     assert again == layer and hash(again) == hash(layer)
     assert eval(repr(layer), {**vars(jn)}) == layer
+
+
+@pytest.mark.parametrize("shape, features", [((32, 64), 32), ((16, 512), 10), ((8, 40), 130),
+                                             ((2, 5, 6), 3)])
+def test_reverse_only_dense_gradients_equal_plain_ones(rng, shape, features):
+    """Narrow layers (< _dense_ops.NARROW outputs) take the transposed weight gradient on CPU,
+    wide ones the plain one; both equal plain autodiff, with batch axes flattened."""
+    layer = jn.Dense(features)
+    x = normal(rng, shape)
+    params = random_params(layer, x.reshape(-1, shape[-1])[:1], rng)
+    g = normal(rng, shape[:-1] + (features,))
+
+    def pullback(reverse_only):
+        apply = lambda p, v: layer.apply_with_state(p, {}, v, reverse_only=reverse_only)[0]
+        return jax.vjp(apply, params, x)[1](g)
+
+    for got, want in zip(jax.tree.leaves(jax.jit(pullback, static_argnums=0)(True)),
+                         jax.tree.leaves(pullback(False))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reverse_only_dense_matches_numpy_float64_and_vmaps(rng):
+    with jax.enable_x64(True):
+        x, w = normal(rng, (6, 7), jnp.float64), normal(rng, (7, 3), jnp.float64)
+        g = normal(rng, (6, 3), jnp.float64)
+        dx, dw = jax.vjp(_dense_ops.matmul, x, w)[1](g)
+        np.testing.assert_allclose(dw, np.asarray(x).T @ np.asarray(g), rtol=1e-12)
+        np.testing.assert_allclose(dx, np.asarray(g) @ np.asarray(w).T, rtol=1e-12)
+        check_grads(_dense_ops.matmul, (x, w), order=2, modes=["rev"])
+        per_example = jax.vmap(jax.grad(lambda w, v: jnp.sum(_dense_ops.matmul(v, w) ** 2)),
+                               (None, 0))(w, x)
+        expected = [2 * np.outer(v, v @ np.asarray(w)) for v in np.asarray(x)]
+        np.testing.assert_allclose(per_example, expected, rtol=1e-12)
+
+
+def test_reverse_only_has_no_forward_mode(rng):
+    layer = jn.Dense(3)
+    x = normal(rng, (2, 4))
+    params = random_params(layer, x[:1], rng)
+    apply = lambda p: layer.apply_with_state(p, {}, x, reverse_only=True)[0]
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(apply, (params,), (params,))
+    jax.jvp(lambda p: layer.apply(p, x, train=True), (params,), (params,))  # the default has it

@@ -189,6 +189,15 @@ def test_evaluate_matches_a_direct_computation(key, rng):
     np.testing.assert_allclose(got["accuracy"], float((logits.argmax(-1) == y).mean()), rtol=1e-6)
 
 
+@pytest.mark.parametrize("high", [2 ** 32, 7])  # 7: most keys tie, ties keep index order
+def test_packed_sort_equals_the_key_value_sort(rng, high):
+    keys = jnp.asarray(rng.integers(0, high, size=5000, dtype=np.uint64).astype(np.uint32))
+    expected = np.argsort(np.asarray(keys), kind="stable")
+    np.testing.assert_array_equal(jax.jit(train._sort_packed)(keys), expected)
+    np.testing.assert_array_equal(jax.jit(train._sort_key_val)(keys), expected)
+    assert jax.jit(train._sort_packed)(keys).dtype == jnp.int32
+
+
 def test_shuffled_order_is_a_permutation_and_depends_on_the_key():
     a = np.asarray(train.shuffled_order(jax.random.key(0), 1000))
     b = np.asarray(train.shuffled_order(jax.random.key(1), 1000))
