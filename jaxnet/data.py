@@ -106,17 +106,15 @@ def _resolve_rows(rows: Rows, n: int, where) -> slice:
     return slice(int(start), int(stop))
 
 
-def _read_exactly(stream, size: int) -> bytearray:
-    """Up to ``size`` bytes from ``stream`` (fewer only at its end), read into one buffer."""
-    buffer, done = bytearray(size), 0
-    view = memoryview(buffer)
-    while done < size:
-        got = stream.readinto(view[done:])
+def _read_exactly(stream, size: int, chunk: int = 1 << 24) -> bytearray:
+    """Up to ``size`` bytes from ``stream`` (fewer only at its end). Read in chunks, so that a
+    damaged header claiming far more than the file holds costs no more memory than the file."""
+    buffer = bytearray()
+    while len(buffer) < size:
+        got = stream.read(min(size - len(buffer), chunk))
         if not got:
             break
-        done += got
-    del view  # a bytearray cannot shrink while a memoryview of it exists
-    del buffer[done:]
+        buffer += got
     return buffer
 
 
@@ -204,10 +202,10 @@ def _idx_size_error(where: Path, shape, dtype: np.dtype, expected: int, size: in
 
 def _read_idx_rows(where: Path, rows: Rows) -> tuple[np.ndarray, tuple[int, ...]]:
     """Rows ``rows`` of an IDX file, and the file's whole shape (see :func:`read_idx`)."""
-    with _reading(where), where.open("rb") as f:
+    with _reading(where), where.open("rb") as f, contextlib.ExitStack() as closing:
         gz = f.read(2) == b"\x1f\x8b"
         f.seek(0)
-        stream = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+        stream = closing.enter_context(gzip.GzipFile(fileobj=f, mode="rb")) if gz else f
         head = stream.read(4)
         if len(head) == 4 and head[:2] == b"\0\0":
             head += stream.read(4 * head[3])
@@ -216,6 +214,9 @@ def _read_idx_rows(where: Path, rows: Rows) -> tuple[np.ndarray, tuple[int, ...]
         expected = header + row_bytes * shape[0]
         if not gz and (size := os.fstat(f.fileno()).st_size) != expected:  # checks the whole file
             raise _idx_size_error(where, shape, dtype, expected, size)
+        if max(expected, row_bytes) > np.iinfo(np.intp).max:  # (a gzipped file's only check)
+            raise DataError(f"{where}: shape {shape} of {dtype.newbyteorder('=')} needs more "
+                            "bytes than an array can hold")
         rows = _resolve_rows(rows, shape[0], where)
         wanted = (rows.stop - rows.start) * row_bytes
         payload = bytearray()

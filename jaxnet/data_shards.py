@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxnet import data_parallel
-from jaxnet.data import Dataset, DataError, load_dataset
+from jaxnet.data import DataError, Dataset, load_dataset
 
 
 def spans_processes(mesh: Mesh | None) -> bool:
@@ -65,13 +65,10 @@ def load_process_shard(name: str, *, mesh: Mesh, data_dir=None, path=None,
                                train_rows=lambda n: data_parallel.process_rows(n, mesh))
     except DataError as error:  # raised after the gather below: the others must not wait for us
         failure = error
-    if dataset is None:
-        mine = np.zeros(6)
-    else:
-        x_train = dataset.x_train
-        mine = np.array([1, dataset.num_train, len(x_train), len(dataset.x_test),
-                         dataset.num_classes - 1, x_train.sum(dtype=np.float64)])
-    loaded, n_train, _, n_test, top_label, sums = _gather(mine).T  # (processes,) each
+    mine = np.zeros(5) if dataset is None else np.array([
+        1, dataset.num_train, len(dataset.x_test), dataset.num_classes - 1,
+        dataset.x_train.sum(dtype=np.float64)])  # float32 values summed in float64
+    loaded, n_train, n_test, top_label, sums = _gather(mine).T  # (processes,) each
     if failure is not None:
         raise failure
     if not loaded.all():

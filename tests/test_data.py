@@ -510,7 +510,8 @@ def test_read_idx_rows_of_multibyte_values_and_a_function_of_the_count(tmp_path,
                                r"stop <= 10"),
     (slice(8, 11), IndexError, "rows 8:11 are not within its 10 rows"),
     (slice(5, 4), IndexError, "rows 5:4 are not within its 10 rows"),
-    (slice(0, 4, 2), TypeError, r"rows must be a contiguous slice start:stop, got slice\(0, 4, 2\)"),
+    (slice(0, 4, 2), TypeError, r"rows must be a contiguous slice start:stop, got "
+                                r"slice\(0, 4, 2\)"),
     (3, TypeError, "rows must be a contiguous slice start:stop, got 3"),
     (lambda n: slice(0, n + 1), IndexError, "rows 0:11 are not within its 10 rows"),
 ])
@@ -526,8 +527,8 @@ def test_read_idx_rows_checks_a_raw_file_whole_from_its_size(tmp_path, rows):
     """Truncated or too long anywhere: found from the header and the size, whatever the rows."""
     content = idx_bytes(np.zeros((10, 2), np.uint8))  # 12 + 20 bytes
     short, long = write(tmp_path / "short", content[:-1]), write(tmp_path / "long", content + b"x")
-    with pytest.raises(DataError, match=in_message(short) + ": truncated: shape \\(10, 2\\) of "
-                                                            "uint8 needs 32 bytes, the file has 31"):
+    message = r": truncated: shape \(10, 2\) of uint8 needs 32 bytes, the file has 31"
+    with pytest.raises(DataError, match=in_message(short) + message):
         data.read_idx(short, rows)
     with pytest.raises(DataError, match=in_message(long) + ": trailing bytes: .*the file has 33"):
         data.read_idx(long, rows)
@@ -538,8 +539,8 @@ def test_read_idx_rows_of_a_damaged_gzip_file(tmp_path):
     content = idx_bytes(np.arange(20, dtype=np.uint8).reshape(10, 2))
     short = write(tmp_path / "short.gz", content[:-3], gz=True)
     np.testing.assert_array_equal(data.read_idx(short, slice(0, 4)), np.arange(8).reshape(4, 2))
-    with pytest.raises(DataError, match=in_message(short) + ": truncated: shape \\(10, 2\\) of "
-                                                            "uint8 needs 32 bytes, the file has 29"):
+    message = r": truncated: shape \(10, 2\) of uint8 needs 32 bytes, the file has 29"
+    with pytest.raises(DataError, match=in_message(short) + message):
         data.read_idx(short, slice(8, 10))
     long = write(tmp_path / "long.gz", content + b"x", gz=True)  # the last rows look past them
     with pytest.raises(DataError, match=in_message(long) + ": trailing bytes: .*the file has more"):

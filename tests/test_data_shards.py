@@ -144,7 +144,7 @@ def test_two_processes_each_load_only_their_rows_and_train_like_one(tmp_path):
     data_dir = mnist_dir(tmp_path / "mnist")
     processes = run_cluster(data_dir, tmp_path)
     config = RunConfig(data_dir=str(data_dir), **CONFIG)
-    state, history, _, dataset = train(config, tmp_path / "single", progress=False)
+    state, history, _, _ = train(config, tmp_path / "single", progress=False)
 
     # 50 rows padded to 52 over 4 devices: process 0 holds rows 0:26, process 1 rows 26:50
     whole = load_data(config)[0]  # standardised with the whole training set's statistics
