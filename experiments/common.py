@@ -91,3 +91,12 @@ def write_results(out_dir: Path, settings, records: list[dict], markdown: str, s
            f"Date: {everything['date']}; machine: {header['machine']}; "
            f"total wall time {total / 60:.1f} min.\n\n")
     (out_dir / "results.md").write_text(top + markdown.rstrip() + "\n")
+
+
+def finish(settings, records: list[dict], markdown: str, plot, started: float, header: dict) -> None:
+    """Writes the results (:func:`write_results`) and ``curves.png`` (``plot(settings, records,
+    path)``) under ``RESULTS / settings.out`` and says where they are."""
+    out_dir = RESULTS / settings.out
+    write_results(out_dir, settings, records, markdown, started, header)
+    plot(settings, records, out_dir / "curves.png")
+    print(f"wrote {out_dir} in {(time.time() - started) / 60:.1f} min")

@@ -131,10 +131,7 @@ def main() -> None:
             records.append(record)
             print(f"{model} seed {seed}: test {record['test_accuracy'][-1]:.4f}, "
                   f"{np.mean(record['seconds']):.1f} s/epoch", flush=True)
-    out_dir = common.RESULTS / settings.out
-    common.write_results(out_dir, settings, records, table(settings, records), started, header)
-    plot(settings, records, out_dir / "curves.png")
-    print(f"wrote {out_dir} in {(time.time() - started) / 60:.1f} min")
+    common.finish(settings, records, table(settings, records), plot, started, header)
 
 
 if __name__ == "__main__":

@@ -196,11 +196,15 @@ class _Pool(Layer):
         _check_window_fits(path, "window", x.shape[1:-1], self.window_shape, self.padding)
         return {}, {}
 
-    def _blocks(self, x) -> jax.Array | None:
+    def _blocks(self, x, ctx) -> jax.Array | None:
         """``x`` cut into its non-overlapping windows, ``(batch, out_1, window_1, out_2, window_2,
-        ..., channels)``, when the windows tile the input (VALID padding, strides
-        equal to the window): a reshape, whose reductions have elementwise gradients where
-        ``reduce_window``'s max gradient is a slow select-and-scatter. ``None`` otherwise."""
+        ..., channels)``, in training mode when the windows tile the input (VALID padding,
+        strides equal to the window): a reshape, whose reductions have elementwise gradients
+        where ``reduce_window``'s max gradient is a slow select-and-scatter. ``None`` otherwise:
+        in evaluation mode ``reduce_window``'s forward pass is as fast, and with the reshape
+        XLA:CPU fuses a whole CNN's forward pass into one YNNPACK graph that runs 2x slower."""
+        if not (ctx.train or ctx.reverse_only):
+            return None
         no_padding = self.padding == "VALID" or (
             not isinstance(self.padding, str) and not any(map(any, self.padding)))
         if not no_padding or self.strides != self.window_shape:
@@ -238,7 +242,7 @@ class MaxPool(_Pool):
     kind: ClassVar[str] = "max_pool"
 
     def _apply(self, params, state, x, ctx):
-        blocks = self._blocks(x)
+        blocks = self._blocks(x, ctx)
         if blocks is not None:  # at exact ties the gradient is shared among the tied values
             return jnp.max(blocks, axis=self._block_axes()), state
         # A NumPy scalar, not jnp.array: under jit the latter is a tracer, and reduce_window with a
@@ -256,7 +260,7 @@ class AvgPool(_Pool):
     kind: ClassVar[str] = "avg_pool"
 
     def _apply(self, params, state, x, ctx):
-        blocks = self._blocks(x)
+        blocks = self._blocks(x, ctx)
         if blocks is not None:
             return jnp.mean(blocks, axis=self._block_axes()), state
         zero = x.dtype.type(0)  # concrete, see MaxPool

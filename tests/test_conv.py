@@ -452,7 +452,8 @@ def test_tiling_pools_equal_reduce_window(rng, kind, window, spatial, padding):
     ``reduce_window`` (odd sizes: VALID drops the remainder in both)."""
     pool = (jn.MaxPool if kind == "max" else jn.AvgPool)(window, padding=padding)
     x = jnp.asarray(rng.normal(size=(2, *spatial, 3)), jnp.float32)
-    assert pool._blocks(x) is not None
+    assert pool._blocks(x, jn.Context("", train=True)) is not None
+    assert pool._blocks(x, jn.Context("")) is None  # evaluation mode keeps reduce_window
 
     def reference(x):
         dims = (1,) + window + (1,)
@@ -460,7 +461,7 @@ def test_tiling_pools_equal_reduce_window(rng, kind, window, spatial, padding):
             return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
         return jax.lax.reduce_window(x, np.float32(0), jax.lax.add, dims, dims, "VALID") / math.prod(window)
 
-    y, pullback = jax.vjp(lambda x: pool.apply({}, x), x)
+    y, pullback = jax.vjp(lambda x: pool.apply({}, x, train=True), x)
     y_ref, pullback_ref = jax.vjp(reference, x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-6)
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
@@ -470,12 +471,13 @@ def test_tiling_pools_equal_reduce_window(rng, kind, window, spatial, padding):
 @pytest.mark.parametrize("pool", [jn.MaxPool((2, 2), strides=1), jn.MaxPool((2, 2), padding="SAME"),
                                   jn.AvgPool((3, 3), strides=2)])
 def test_overlapping_or_padded_pools_keep_reduce_window(pool, rng):
-    assert pool._blocks(jnp.asarray(rng.normal(size=(1, 6, 6, 2)), jnp.float32)) is None
+    assert pool._blocks(jnp.asarray(rng.normal(size=(1, 6, 6, 2)), jnp.float32),
+                        jn.Context("", train=True)) is None
 
 
 def test_block_max_pool_shares_the_gradient_at_ties():
     x = jnp.asarray([1.0, 3.0, 3.0, 2.0]).reshape(1, 2, 2, 1)
-    grad = jax.grad(lambda x: jn.MaxPool((2, 2)).apply({}, x).sum())(x)
+    grad = jax.grad(lambda x: jn.MaxPool((2, 2)).apply({}, x, train=True).sum())(x)
     np.testing.assert_array_equal(grad.ravel(), [0.0, 0.5, 0.5, 0.0])
 
 
