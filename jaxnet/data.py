@@ -313,20 +313,27 @@ def load_mnist(data_dir, train_rows: Rows | None = None) -> Dataset:
     return load_idx_dir(data_dir, "mnist", train_rows)
 
 
+def _open_npz(f, where, keys: tuple[str, ...]):
+    """``np.load`` of the open file ``f`` without unpickling; a DataError naming ``where`` unless
+    it is an .npz archive holding every one of ``keys``."""
+    archive = np.load(f, allow_pickle=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{where}: not an .npz archive (a single .npy array?), expected "
+                        f"arrays {', '.join(keys)}")
+    missing = [k for k in keys if k not in archive.files]
+    if missing:
+        raise DataError(f"{where}: missing arrays {', '.join(missing)}; it has "
+                        f"{', '.join(archive.files) or 'none'}, expected {', '.join(keys)}")
+    return archive
+
+
 def _read_npz(path, where, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Reads ``keys`` from an .npz file (a Path or a package resource) without unpickling.
     Every failure becomes a DataError. We open the file ourselves so that it is closed even
     when np.load fails half-way through a damaged archive."""
     try:
         with path.open("rb") as f:
-            archive = np.load(f, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DataError(f"{where}: not an .npz archive (a single .npy array?), expected "
-                                f"arrays {', '.join(keys)}")
-            missing = [k for k in keys if k not in archive.files]
-            if missing:
-                raise DataError(f"{where}: missing arrays {', '.join(missing)}; it has "
-                                f"{', '.join(archive.files) or 'none'}, expected {', '.join(keys)}")
+            archive = _open_npz(f, where, keys)
             return {k: archive[k] for k in keys}  # members are decompressed (and checked) here
     except _READ_ERRORS as e:
         if isinstance(e, DataError):
@@ -428,14 +435,7 @@ def _read_npz_rows(where: Path, keys: tuple[str, ...], train_rows: Rows
     slice and the training set's size. Headers are checked (as :func:`load_npz` checks the
     arrays) before any row is read."""
     with _reading(where, "read as .npz"), where.open("rb") as f:
-        archive = np.load(f, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise DataError(f"{where}: not an .npz archive (a single .npy array?), expected "
-                            f"arrays {', '.join(keys)}")
-        missing = [k for k in keys if k not in archive.files]
-        if missing:
-            raise DataError(f"{where}: missing arrays {', '.join(missing)}; it has "
-                            f"{', '.join(archive.files) or 'none'}, expected {', '.join(keys)}")
+        archive = _open_npz(f, where, keys)
         members = {k: _npy_member(archive.zip, k) for k in ("x_train", "y_train")}
         (x_shape, x_dtype), (y_shape, y_dtype) = ((m.shape, m.dtype) for m in members.values())
         if x_dtype.kind not in "uif" or len(x_shape) == 0:

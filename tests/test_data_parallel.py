@@ -6,8 +6,6 @@ starts; two processes forming one JAX cluster over 127.0.0.1 run ``jaxnet train`
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +22,9 @@ from jaxnet import data_parallel
 from jaxnet.checkpoint import read_checkpoint
 from jaxnet.cli import main
 from jaxnet.run import RunConfig, load_data, write_config
-from support import blobs
+from support import CHILD_ENV, blobs, free_port, run_processes
 
 TESTS = Path(__file__).parent
-# A bare environment for child processes: CPU only, no flags inherited from the caller.
-CHILD_ENV = {k: v for k, v in os.environ.items()
-             if not k.startswith(("JAX", "XLA_"))} | {"JAX_PLATFORMS": "cpu"}
 
 
 def eight_devices() -> AbstractMesh:
@@ -236,12 +231,6 @@ def test_cli_batch_size_error_on_eight_devices(tmp_path):
 # --- two processes, one JAX cluster -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     """``jaxnet train`` as two processes of 2 CPU devices each (gloo collectives) equals one."""
@@ -250,20 +239,11 @@ def test_two_processes_train_like_one(tmp_path):
     env = CHILD_ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     cluster = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
     # Process 1 gets another --out: only process 0 may write anything.
-    processes = [subprocess.Popen([*command, *cluster, "--process-id", str(i),
-                                   "--out", str(tmp_path / f"cluster-{i}")], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in (1, 0)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in processes]
-    finally:
-        for p in processes:  # never leave a process waiting for its peer
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (out, err) in zip(processes, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert "results:" not in outputs[0][0] and "results:" in outputs[1][0]  # process 0 reports
+    results = run_processes([[*command, *cluster, "--process-id", str(i), "--out",
+                              str(tmp_path / f"cluster-{i}")] for i in (1, 0)], env)
+    for returncode, _, err in results:
+        assert returncode == 0, err[-3000:]
+    assert "results:" not in results[0][1] and "results:" in results[1][1]  # process 0 reports
     subprocess.run([*command, "--out", str(tmp_path / "single")], env=CHILD_ENV, check=True,
                    capture_output=True, timeout=300)
 

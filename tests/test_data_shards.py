@@ -7,9 +7,6 @@ over 127.0.0.1 running ``jaxnet.run.train`` (tests/data_shards_worker.py).
 
 import gzip
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,11 +21,9 @@ from jaxnet.data import DataError
 from jaxnet.run import RunConfig, load_data, train
 from jaxnet.tensorfile import named_leaves
 from data_shards_worker import CONFIG
-from support import blobs
+from support import CHILD_ENV, blobs, free_port, run_processes
 
 TESTS = Path(__file__).parent
-CHILD_ENV = {k: v for k, v in os.environ.items()
-             if not k.startswith(("JAX", "XLA_"))} | {"JAX_PLATFORMS": "cpu"}
 N_TRAIN, N_TEST = 50, 10
 
 
@@ -108,30 +103,15 @@ def test_fit_on_a_process_s_rows_equals_fit_on_all_of_them(key, rng):
 # --- two processes, one JAX cluster -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cluster(data_dir: Path, out: Path) -> list[dict]:
     """Runs tests/data_shards_worker.py as processes 0 and 1 (2 CPU devices each)."""
     coordinator = f"127.0.0.1:{free_port()}"
     env = CHILD_ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    processes = [subprocess.Popen([sys.executable, str(TESTS / "data_shards_worker.py"),
-                                   coordinator, str(i), str(data_dir), str(out / "run"),
-                                   str(out / f"process-{i}.npz")], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in (1, 0)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in processes]
-    finally:
-        for p in processes:  # never leave a process waiting for its peer
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(processes, outputs):
-        assert p.returncode == 0, err[-3000:]
+    for returncode, _, err in run_processes(
+            [[sys.executable, str(TESTS / "data_shards_worker.py"), coordinator, str(i),
+              str(data_dir), str(out / "run"), str(out / f"process-{i}.npz")] for i in (1, 0)],
+            env):
+        assert returncode == 0, err[-3000:]
     results = []
     for i in (0, 1):
         with np.load(out / f"process-{i}.npz", allow_pickle=False) as result:
