@@ -100,3 +100,15 @@ def finish(settings, records: list[dict], markdown: str, plot, started: float, h
     write_results(out_dir, settings, records, markdown, started, header)
     plot(settings, records, out_dir / "curves.png")
     print(f"wrote {out_dir} in {(time.time() - started) / 60:.1f} min")
+
+
+def save_epoch_figure(figure, axes, path) -> None:
+    """Integer epoch ticks, a light grid and a legend on each of ``axes``; writes ``figure``."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)

@@ -113,11 +113,7 @@ def plot(settings: Settings, records: list[dict], path) -> None:
                     label=f"{model} train (dropout on)" if i == 0 else None)
         ax.axhline(100 * TARGETS[model], color=color, ls="--", lw=0.8, label=f"{model} target")
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Fashion-MNIST", ylim=(84, 100))
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_epoch_figure(figure, (ax,), path)
 
 
 def main() -> None:

@@ -126,12 +126,7 @@ def plot(settings: Settings, records: list[dict], path) -> None:
             right.plot(epochs, r["train_loss"], color=color, marker=".", label=label)
     left.set(xlabel="epoch", ylabel="test accuracy (%)", title="Fashion-MNIST MLP: test accuracy")
     right.set(xlabel="epoch", ylabel="train loss (dropout on)", title="training loss", yscale="log")
-    for ax in (left, right):
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    common.save_epoch_figure(figure, (left, right), path)
 
 
 def main() -> None:
