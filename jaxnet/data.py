@@ -384,7 +384,7 @@ def load_npz(path, train_rows: Rows | None = None) -> Dataset:
     those rows of ``x_train`` and ``y_train`` are read; the test arrays are read whole. Shapes,
     dtypes and counts are checked from the members' ``.npy`` headers first; values (finite
     inputs, label range) only in the rows read. An uncompressed member (``np.savez``) is read
-    from the rows' offset in the file: only their bytes. A compressed one (``np.savez_compressed``)
+    starting at the rows' offset in the file: only their bytes. A compressed one (``np.savez_compressed``)
     cannot seek: it is decompressed as a stream up to the last row, the bytes before the first
     discarded. A Fortran-order member (rows not contiguous) is read whole, then sliced. Member
     CRCs are checked only when a member is read to its end.
