@@ -14,6 +14,7 @@ only when the caller promises reverse mode (``reverse_only=True``, as ``fit`` do
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -102,3 +103,60 @@ def example_chunks(n: int, per_example: int, budget: int) -> list[slice]:
 
 conv.defvjp(_conv_fwd, _conv_bwd)
 
+
+
+@jax.custom_jvp
+def window_max(blocks: jax.Array) -> jax.Array:
+    """Max over the window axes of ``blocks (N, out_1, window_1, ..., out_d, window_d, C)``.
+
+    The derivative goes to the first maximum of each window in row-major window order, exactly
+    as ``lax.reduce_window``'s (its select-and-scatter keeps the first of equal values); where
+    the window's max is NaN, to its first NaN. Unlike ``jnp.max``, whose gradient splits ties
+    (common after ReLU, where a window of zeros ties), and unlike select-and-scatter, the
+    gradient is one elementwise select with the saved first-max mask: XLA:CPU fuses it into the
+    ReLU's gradient (docs/performance.md, finding 10). Forward mode works too (a custom JVP).
+
+    Returns:
+      ``(N, out_1, ..., out_d, C)``.
+    """
+    return jnp.max(blocks, axis=_window_axes(blocks))
+
+
+def _window_axes(blocks: jax.Array) -> tuple[int, ...]:
+    return tuple(range(2, blocks.ndim - 1, 2))
+
+
+@window_max.defjvp
+def _window_max_jvp(primals, tangents):
+    (blocks,), (t,) = primals, tangents
+    axes = _window_axes(blocks)
+    y = jnp.max(blocks, axis=axes)
+    mask = _first_max_mask(blocks, y)
+    return y, jnp.sum(jnp.where(mask, t, jnp.zeros_like(t)), axis=axes)
+
+
+def _first_max_mask(blocks: jax.Array, y: jax.Array) -> jax.Array:
+    """``blocks``-shaped bool: true at the first element of each window equal to its max."""
+    windows = [blocks.shape[a] for a in _window_axes(blocks)]
+    positions = list(itertools.product(*map(range, windows)))
+    earlier = None  # an earlier element of the window holds the max
+    hits = {}
+    for position in positions:  # row-major window order
+        index = [slice(None)] * blocks.ndim
+        for axis, i in zip(_window_axes(blocks), position):
+            index[axis] = i
+        value = blocks[tuple(index)]
+        hit = (value == y) | (jnp.isnan(value) & jnp.isnan(y))
+        hits[position] = hit if earlier is None else hit & ~earlier
+        earlier = hit if earlier is None else earlier | hit
+    return _interleave(hits, windows, ())
+
+
+def _interleave(parts: dict, windows: list[int], prefix: tuple[int, ...]) -> jax.Array:
+    """Stacks ``parts[(i_1, ..., i_d)] (N, out_1, ..., out_d, C)`` into ``(N, out_1, window_1,
+    ..., out_d, window_d, C)``: window axis ``a`` goes in after ``out_a``."""
+    a = len(prefix)
+    if a == len(windows):
+        return parts[prefix]
+    return jnp.stack([_interleave(parts, windows, prefix + (i,)) for i in range(windows[a])],
+                     axis=2 + a)  # after out_a: the deeper window axes are already in

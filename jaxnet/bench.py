@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnet import xla_options
 from jaxnet.combinators import serial
 from jaxnet.activations import relu
 from jaxnet.inference import predict
@@ -193,7 +194,7 @@ def jaxnet_train_variants(net, x, y, steps_per_call) -> list[Variant]:
     xs = jnp.concatenate([x] * steps_per_call)
     ys = jnp.concatenate([y] * steps_per_call)
     epoch_fn, _ = make_epoch(net, optimizer, softmax_cross_entropy, xs.shape[0], batch)
-    epoch = jax.jit(epoch_fn, donate_argnums=0)
+    epoch = xla_options.jit(epoch_fn, donate_argnums=0)  # as fit compiles it
 
     def run_epoch(s):  # s: (TrainState, epoch number)
         return epoch(s[0], xs, ys, jnp.int32(s[1]))[0], s[1] + 1

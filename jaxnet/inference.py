@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet import xla_options
 from jaxnet.core import Layer, Params, State, infer_example_ndim, shape_str
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy
 from jaxnet.tensorfile import current_umask, fsync_directory
@@ -34,10 +35,15 @@ from jaxnet.tensorfile import current_umask, fsync_directory
 Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
-@functools.partial(jax.jit, static_argnames=("net", "proba", "policy"))
-def _apply(params, model_state, x, *, net: Layer, proba: bool, policy: Policy | None = None):
+def _forward(params, model_state, x, *, net: Layer, proba: bool, policy: Policy | None = None):
     y, _ = apply_with_policy(net, policy, params, model_state, x)
     return jax.nn.softmax(y, axis=-1) if proba else y
+
+
+@functools.cache
+def _compiled_forward():
+    """The jitted :func:`_forward`; built at first use, when JAX's backend may start."""
+    return xla_options.jit(_forward, static_argnames=("net", "proba", "policy"))
 
 
 @functools.lru_cache(maxsize=64)
@@ -46,7 +52,7 @@ def _output_spec(net: Layer, proba: bool, chunk_shape: tuple[int, ...], dtype,
     """Shape and dtype of one chunk's outputs (params were already checked to fit)."""
     spec = jax.ShapeDtypeStruct(chunk_shape, dtype)
     params, state = jax.eval_shape(lambda k: net.init_with_state(k, spec), jax.random.key(0))
-    return jax.eval_shape(functools.partial(_apply, net=net, proba=proba, policy=policy),
+    return jax.eval_shape(functools.partial(_forward, net=net, proba=proba, policy=policy),
                           params, state, spec)
 
 
@@ -112,7 +118,7 @@ class _Plan:
         self.output = jax.ShapeDtypeStruct((self.n,) + y.shape[1:], y.dtype)
         # on the device once, not with every chunk
         self.params, self.model_state = jax.device_put((params, model_state))
-        self.run = functools.partial(_apply, net=net, proba=proba, policy=policy)
+        self.run = functools.partial(_compiled_forward(), net=net, proba=proba, policy=policy)
 
     def _example(self, x) -> tuple[tuple[int, ...], np.dtype]:
         if self.preprocess is None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnet import xla_options
 from jaxnet.core import Layer, call_layer
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.progress import make_progress
@@ -273,13 +274,13 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
     population = jax.tree.map(jnp.copy, population)  # the epochs donate it
 
     start = time.perf_counter()
-    run_epoch = jax.jit(epoch_fn, donate_argnums=0).lower(population, x, y, jnp.int32(0)).compile()
+    run_epoch = xla_options.jit(epoch_fn, donate_argnums=0).lower(population, x, y, jnp.int32(0)).compile()
     if eval_data is not None:
         x_eval, y_eval = map(jnp.asarray, eval_data)
         _check_data(net, first.params, x_eval, y_eval, "eval_data")
         evaluate = make_evaluate(net, loss, x_eval.shape[0], min(eval_batch_size, x_eval.shape[0]),
                                  precision=precision)
-        run_eval = jax.jit(jax.vmap(evaluate, (0, 0, None, None))).lower(
+        run_eval = xla_options.jit(jax.vmap(evaluate, (0, 0, None, None))).lower(
             population.members.params, population.members.model_state, x_eval, y_eval).compile()
     compile_seconds = time.perf_counter() - start
 

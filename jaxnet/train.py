@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnet import xla_options
 from jaxnet.core import Layer, Params, State
 from jaxnet.losses import check_labels, softmax_cross_entropy
 from jaxnet.precision import (Policy, apply_with_policy, check_params, get_policy,
@@ -178,7 +179,7 @@ def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
         metrics = {"loss": sums.loss / sums.count, "accuracy": sums.correct / sums.count}
         return (state.params, state.model_state, state.opt_state), state.step, metrics
 
-    return TrainStep(jax.jit(step, donate_argnums=(0, 1)), net.needs_key)
+    return TrainStep(xla_options.jit(step, donate_argnums=(0, 1)), net.needs_key)
 
 
 class TrainStep:
@@ -339,7 +340,7 @@ def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: 
             raise ValueError("evaluate: this network keeps state (e.g. BatchNorm statistics); pass "
                              "the trained model_state (TrainState.model_state)")
         model_state = {}
-    fn = jax.jit(make_evaluate(net, loss, x.shape[0], min(batch_size, x.shape[0]),
+    fn = xla_options.jit(make_evaluate(net, loss, x.shape[0], min(batch_size, x.shape[0]),
                                precision=precision))
     return fn(params, model_state, x, y).means()
 
@@ -466,7 +467,7 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
                              precision=policy, batch_sharding=epoch_layout)
 
     start = time.perf_counter()
-    run_epoch = jax.jit(epoch_fn, donate_argnums=0, **shardings).lower(
+    run_epoch = xla_options.jit(epoch_fn, donate_argnums=0, **shardings).lower(
         state, x, y, jnp.int32(0)).compile()
     if eval_data is not None:
         x_eval, y_eval = map(jnp.asarray if mesh is None else np.asarray, eval_data)
@@ -475,7 +476,7 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         if mesh is not None:  # whole on every device; each batch split over them (masked padding)
             x_eval, y_eval = parallel.replicate(mesh, (x_eval, y_eval))
             eval_size = parallel.round_up_to_devices(mesh, eval_size)
-        run_eval = jax.jit(make_evaluate(net, loss, x_eval.shape[0], eval_size,
+        run_eval = xla_options.jit(make_evaluate(net, loss, x_eval.shape[0], eval_size,
                                          precision=policy, batch_sharding=eval_layout),
                            **shardings).lower(
             state.params, state.model_state, x_eval, y_eval).compile()

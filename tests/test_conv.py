@@ -444,14 +444,18 @@ def test_canonical_conv_gradients_in_float64(rng):
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("values", ["normal", "ties"])
 @pytest.mark.parametrize("window, spatial, padding", [
     ((2, 2), (6, 6), "VALID"), ((3, 1), (7, 5), "VALID"), ((2,), (7,), ((0, 0),)),
     ((2, 2, 2), (4, 5, 4), "VALID")])
-def test_tiling_pools_equal_reduce_window(rng, kind, window, spatial, padding):
-    """Windows that tile the input take the reshape path; values and gradients equal
-    ``reduce_window`` (odd sizes: VALID drops the remainder in both)."""
+def test_tiling_pools_equal_reduce_window(rng, kind, values, window, spatial, padding):
+    """Windows that tile the input take the reshape path; values, gradients and forward-mode
+    derivatives equal ``reduce_window``'s exactly, ties included (small integers tie often;
+    odd sizes: VALID drops the remainder in both)."""
     pool = (jn.MaxPool if kind == "max" else jn.AvgPool)(window, padding=padding)
-    x = jnp.asarray(rng.normal(size=(2, *spatial, 3)), jnp.float32)
+    shape = (2, *spatial, 3)
+    x = jnp.asarray(rng.normal(size=shape) if values == "normal" else rng.integers(-2, 3, shape),
+                    jnp.float32)
     assert pool._blocks(x, jn.Context("", train=True)) is not None
     assert pool._blocks(x, jn.Context("")) is None  # evaluation mode keeps reduce_window
 
@@ -461,11 +465,16 @@ def test_tiling_pools_equal_reduce_window(rng, kind, window, spatial, padding):
             return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
         return jax.lax.reduce_window(x, np.float32(0), jax.lax.add, dims, dims, "VALID") / math.prod(window)
 
-    y, pullback = jax.vjp(lambda x: pool.apply({}, x, train=True), x)
-    y_ref, pullback_ref = jax.vjp(reference, x)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-6)
-    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    np.testing.assert_allclose(pullback(g)[0], pullback_ref(g)[0], rtol=1e-6)  # no ties
+    fast = lambda x: pool.apply({}, x, train=True)
+    for transform in (lambda f: f, jax.jit):
+        y, pullback = jax.vjp(transform(fast), x)
+        y_ref, pullback_ref = jax.vjp(reference, x)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-6)
+        g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+        np.testing.assert_allclose(pullback(g)[0], pullback_ref(g)[0], rtol=1e-6)
+        t = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+        np.testing.assert_allclose(jax.jvp(transform(fast), (x,), (t,))[1],
+                                   jax.jvp(reference, (x,), (t,))[1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("pool", [jn.MaxPool((2, 2), strides=1), jn.MaxPool((2, 2), padding="SAME"),
@@ -475,10 +484,24 @@ def test_overlapping_or_padded_pools_keep_reduce_window(pool, rng):
                         jn.Context("", train=True)) is None
 
 
-def test_block_max_pool_shares_the_gradient_at_ties():
+@pytest.mark.parametrize("train", [True, False])
+def test_max_pool_gradient_goes_to_the_first_tied_maximum(train):
+    """In training (reshape) and evaluation (reduce_window) mode alike."""
     x = jnp.asarray([1.0, 3.0, 3.0, 2.0]).reshape(1, 2, 2, 1)
-    grad = jax.grad(lambda x: jn.MaxPool((2, 2)).apply({}, x, train=True).sum())(x)
-    np.testing.assert_array_equal(grad.ravel(), [0.0, 0.5, 0.5, 0.0])
+    grad = jax.grad(lambda x: jn.MaxPool((2, 2)).apply({}, x, train=train).sum())(x)
+    np.testing.assert_array_equal(grad.ravel(), [0.0, 1.0, 0.0, 0.0])
+
+
+def test_window_max_gradient_goes_to_the_first_nan():
+    blocks = jnp.asarray([[1.0, jnp.nan], [jnp.nan, 2.0]]).reshape(1, 1, 2, 1, 2, 1)
+    y, pullback = jax.vjp(_conv_ops.window_max, blocks)
+    assert np.isnan(y).all()
+    np.testing.assert_array_equal(pullback(jnp.ones_like(y))[0].ravel(), [0.0, 1.0, 0.0, 0.0])
+
+
+def test_window_max_second_derivatives(rng):
+    blocks = jnp.asarray(rng.normal(size=(2, 3, 2, 2, 2, 3)))
+    check_grads(_conv_ops.window_max, (blocks,), order=2, modes=["fwd", "rev"])
 
 
 def test_cnn_gradient_step_inside_scan_matches_per_step(key, rng):
