@@ -7,8 +7,12 @@ cost ~20-25 ms of a ~45 ms training step in a Python loop (65-75 ms per step aga
 with the settings below, measured side by side; ``docs/performance.md``). Inside ``fit``'s
 ``lax.scan`` the buffers are reused across steps, so only the first step of an epoch pays.
 
-:func:`keep_freed_host_memory` raises glibc's trim threshold, top pad and mmap threshold so that
-freed blocks stay mapped and are reused. It is process-wide: it speeds up every JAX program in the
+:func:`keep_freed_host_memory` raises glibc's trim threshold, top pad and mmap threshold and
+turns off its per-block ``mmap`` so that freed blocks stay mapped and are reused. (Without the
+last, blocks above 32 MiB, such as a large program's temporaries, were mapped and unmapped on
+every call: in a process alternating the benchmark CNN's step with a bigger program, jaxnet's
+step page-faulted 1,000-10,000 times per call in some runs and took 32-41 ms instead of 30.) glibc
+still maps memory where its heaps cannot grow, so allocations do not fail for it. It is process-wide: it speeds up every JAX program in the
 process (a raw-JAX reference benchmarked alongside benefits equally) and keeps the process's
 resident memory at its peak instead of shrinking after each call. ``import jaxnet`` applies it
 unless the environment sets ``JAXNET_HOST_MALLOC=default``.
@@ -23,10 +27,11 @@ import sys
 ENV_VAR = "JAXNET_HOST_MALLOC"
 
 # glibc's mallopt parameters (malloc.h) and the values jaxnet sets
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 SETTINGS = {_M_TRIM_THRESHOLD: 1 << 30,   # shrink the heap only above 1 GiB of free top memory
             _M_TOP_PAD: 64 << 20,         # grow it 64 MiB at a time
-            _M_MMAP_THRESHOLD: 32 << 20}  # blocks up to 32 MiB (glibc's maximum) from the heap
+            _M_MMAP_THRESHOLD: 32 << 20,  # blocks up to 32 MiB (glibc's maximum) from the heap
+            _M_MMAP_MAX: 0}               # larger blocks too (mmap only where the heap cannot)
 
 
 def keep_freed_host_memory(environ=os.environ) -> bool:

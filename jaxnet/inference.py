@@ -41,9 +41,11 @@ def _forward(params, model_state, x, *, net: Layer, proba: bool, policy: Policy 
 
 
 @functools.cache
-def _compiled_forward():
-    """The jitted :func:`_forward`; built at first use, when JAX's backend may start."""
-    return xla_options.jit(_forward, static_argnames=("net", "proba", "policy"))
+def _compiled_forward(large: bool = False):
+    """The jitted :func:`_forward` for chunks of at least ``LARGE_FORWARD_ROWS`` rows or fewer
+    (see :mod:`jaxnet.xla_options`); built at first use, when JAX's backend may start."""
+    return xla_options.jit(_forward, static_argnames=("net", "proba", "policy"),
+                           forward_rows=xla_options.LARGE_FORWARD_ROWS if large else None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -118,7 +120,8 @@ class _Plan:
         self.output = jax.ShapeDtypeStruct((self.n,) + y.shape[1:], y.dtype)
         # on the device once, not with every chunk
         self.params, self.model_state = jax.device_put((params, model_state))
-        self.run = functools.partial(_compiled_forward(), net=net, proba=proba, policy=policy)
+        self.run = functools.partial(_compiled_forward(self.chunk >= xla_options.LARGE_FORWARD_ROWS),
+                                     net=net, proba=proba, policy=policy)
 
     def _example(self, x) -> tuple[tuple[int, ...], np.dtype]:
         if self.preprocess is None:

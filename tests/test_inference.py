@@ -84,14 +84,14 @@ def test_one_compilation_serves_every_chunk_and_later_calls(key, rng):
     x = rng.normal(size=(80, 4, 3)).astype(np.float32)
     params = net.init(key, x[:1])
     predict(net, params, x[:2], batch_size=32)  # warm up the one-time helpers (keys, tracing)
-    before = _compiled_forward()._cache_size()
+    before = _compiled_forward(False)._cache_size()
     with count_compiles() as compiles:
         first = predict(net, params, x, batch_size=32)  # chunks of 32, 32, 16 padded to 32
-    assert compiles[0] == 1 and _compiled_forward()._cache_size() == before + 1
+    assert compiles[0] == 1 and _compiled_forward(False)._cache_size() == before + 1
     with count_compiles() as compiles:
         for n in (33, 64, 79, 80):
             np.testing.assert_array_equal(predict(net, params, x[:n], batch_size=32), first[:n])
-    assert compiles[0] == 0 and _compiled_forward()._cache_size() == before + 1
+    assert compiles[0] == 0 and _compiled_forward(False)._cache_size() == before + 1
 
 
 def test_small_inputs_round_up_to_a_power_of_two():

@@ -131,6 +131,24 @@ def test_train_step_donates_the_state(key, rng):
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
 
+def test_train_step_metrics_are_the_batch_loss_and_accuracy_before_the_update(key, rng):
+    x, y = blobs(rng, n=32)
+    net = small_mlp()
+    params = net.init(key, x[:1])
+    logits = np.asarray(net.apply(params, x), np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    step = train.make_train_step(net, optax.adam(1e-3))
+    _, metrics = step(train.init_train_state(net, optax.adam(1e-3), params), x, y)
+    assert list(metrics) == ["loss", "accuracy"] and len(metrics) == 2
+    np.testing.assert_allclose(metrics["loss"], -log_probs[np.arange(32), y].mean(), rtol=1e-5)
+    assert float(metrics["accuracy"]) == (logits.argmax(-1) == y).mean()
+    assert metrics["loss"].dtype == jnp.float32 and metrics["loss"].shape == ()
+    assert set(dict(metrics)) == {"loss", "accuracy"} and "StepMetrics({'loss'" in repr(metrics)
+    with pytest.raises(KeyError, match="top5"):
+        metrics["top5"]
+
+
 def test_progress_reaches_the_host_from_the_device_loop(key, rng):
     x, y = blobs(rng, n=40)
     net = small_mlp()

@@ -43,26 +43,36 @@ def _ynn_kinds(jitted) -> set[str]:
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU option")
 def test_cpu_programs_keep_dots_and_reductions_on_ynnpack_but_not_convolutions(fresh_options):
     default = _ynn_kinds(jax.jit(_program))
-    assert xla_options.compiler_options() == {xla_options.YNN_OPTION: xla_options.YNN_FUSION_TYPES}
+    assert xla_options.compiler_options(False) == {xla_options.YNN_OPTION: xla_options.YNN_FUSION_TYPES}
     # If this fails, the installed jax hands other kinds to YNNPACK by default: revisit the list.
     assert default == {"convolution", "dot", "reduce"}
     assert _ynn_kinds(xla_options.jit(_program)) == default - {"convolution"}
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU option")
+def test_large_forward_programs_leave_dots_to_eigen_too(fresh_options):
+    assert _ynn_kinds(xla_options.jit(_program, forward_rows=xla_options.LARGE_FORWARD_ROWS)) == {
+        "reduce"}
+    assert _ynn_kinds(xla_options.jit(_program, forward_rows=32)) == {"dot", "reduce"}
+
+
 def test_the_environment_can_restore_xlas_defaults(fresh_options):
     fresh_options.setenv(xla_options.ENV_VAR, "default")
-    assert xla_options.compiler_options() == {}
+    assert xla_options.compiler_options(False) == xla_options.compiler_options(True) == {}
     assert _ynn_kinds(xla_options.jit(_program)) == _ynn_kinds(jax.jit(_program))
 
 
 def test_an_xla_without_the_option_gets_none(fresh_options):
     fresh_options.setattr(xla_options, "YNN_FUSION_TYPES", "LIBRARY_FUSION_TYPE_NO_SUCH_KIND")
-    assert xla_options.compiler_options() == {}
+    fresh_options.setattr(xla_options, "FORWARD_YNN_FUSION_TYPES", "NOT_A_VALUE")
+    assert xla_options.compiler_options(False) == xla_options.compiler_options(True) == {}
     assert float(xla_options.jit(jnp.negative)(jnp.float32(2))) == -2.0
 
 
 def test_train_step_and_predict_compile_with_the_options(key, rng, fresh_options):
-    expected = xla_options.compiler_options() or None  # before jax.jit is watched: it compiles a probe
+    # before jax.jit is watched: they compile a probe
+    expected = xla_options.compiler_options(False) or None
+    forward = xla_options.compiler_options(True) or None
     captured = []
     real_jit = jax.jit
     fresh_options.setattr(xla_options.jax, "jit", lambda f, **kw: captured.append(kw) or real_jit(f, **kw))
@@ -75,6 +85,9 @@ def test_train_step_and_predict_compile_with_the_options(key, rng, fresh_options
         state, _ = jn.make_train_step(net, optimizer)(jn.init_train_state(net, optimizer, params),
                                                       x, jnp.arange(4) % 3)
         np.testing.assert_array_equal(jn.predict(net, state.params, x).shape, (4, 3))
+        big = jnp.tile(x, (128, 1, 1, 1))  # 512 rows: one large chunk
+        np.testing.assert_array_equal(jn.predict(net, state.params, big, batch_size=512).shape,
+                                      (512, 3))
     finally:
         _compiled_forward.cache_clear()
-    assert [kw["compiler_options"] for kw in captured] == [expected, expected]
+    assert [kw["compiler_options"] for kw in captured] == [expected, expected, forward]
