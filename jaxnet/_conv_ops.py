@@ -104,7 +104,6 @@ def example_chunks(n: int, per_example: int, budget: int) -> list[slice]:
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-
 @jax.custom_jvp
 def window_max(blocks: jax.Array) -> jax.Array:
     """Max over the window axes of ``blocks (N, out_1, window_1, ..., out_d, window_d, C)``.
@@ -119,17 +118,18 @@ def window_max(blocks: jax.Array) -> jax.Array:
     Returns:
       ``(N, out_1, ..., out_d, C)``.
     """
-    return jnp.max(blocks, axis=_window_axes(blocks))
+    return jnp.max(blocks, axis=window_axes(blocks))
 
 
-def _window_axes(blocks: jax.Array) -> tuple[int, ...]:
+def window_axes(blocks: jax.Array) -> tuple[int, ...]:
+    """The window axes of ``blocks (N, out_1, window_1, ..., out_d, window_d, C)``."""
     return tuple(range(2, blocks.ndim - 1, 2))
 
 
 @window_max.defjvp
 def _window_max_jvp(primals, tangents):
     (blocks,), (t,) = primals, tangents
-    axes = _window_axes(blocks)
+    axes = window_axes(blocks)
     y = jnp.max(blocks, axis=axes)
     mask = _first_max_mask(blocks, y)
     return y, jnp.sum(jnp.where(mask, t, jnp.zeros_like(t)), axis=axes)
@@ -137,13 +137,13 @@ def _window_max_jvp(primals, tangents):
 
 def _first_max_mask(blocks: jax.Array, y: jax.Array) -> jax.Array:
     """``blocks``-shaped bool: true at the first element of each window equal to its max."""
-    windows = [blocks.shape[a] for a in _window_axes(blocks)]
+    windows = [blocks.shape[a] for a in window_axes(blocks)]
     positions = list(itertools.product(*map(range, windows)))
     earlier = None  # an earlier element of the window holds the max
     hits = {}
     for position in positions:  # row-major window order
         index = [slice(None)] * blocks.ndim
-        for axis, i in zip(_window_axes(blocks), position):
+        for axis, i in zip(window_axes(blocks), position):
             index[axis] = i
         value = blocks[tuple(index)]
         hit = (value == y) | (jnp.isnan(value) & jnp.isnan(y))

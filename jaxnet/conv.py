@@ -214,9 +214,6 @@ class _Pool(Layer):
         x = x[(slice(None),) + tuple(slice(k) for k in kept)]  # VALID drops the remainder
         return x.reshape(n, *(d for k, w in zip(kept, self.window_shape) for d in (k // w, w)), c)
 
-    def _block_axes(self) -> tuple[int, ...]:
-        return tuple(range(2, 2 * len(self.window_shape) + 1, 2))
-
     def _reduce(self, x, init, op):
         dims = (1,) + self.window_shape + (1,)
         strides = (1,) + self.strides + (1,)
@@ -262,7 +259,7 @@ class AvgPool(_Pool):
     def _apply(self, params, state, x, ctx):
         blocks = self._blocks(x, ctx)
         if blocks is not None:
-            return jnp.mean(blocks, axis=self._block_axes()), state
+            return jnp.mean(blocks, axis=_conv_ops.window_axes(blocks)), state
         zero = x.dtype.type(0)  # concrete, see MaxPool
         sums = self._reduce(x, zero, lax.add)
         if self.padding == "VALID":

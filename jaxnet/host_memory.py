@@ -11,8 +11,9 @@ with the settings below, measured side by side; ``docs/performance.md``). Inside
 turns off its per-block ``mmap`` so that freed blocks stay mapped and are reused. (Without the
 last, blocks above 32 MiB, such as a large program's temporaries, were mapped and unmapped on
 every call: in a process alternating the benchmark CNN's step with a bigger program, jaxnet's
-step page-faulted 1,000-10,000 times per call in some runs and took 32-41 ms instead of 30.) glibc
-still maps memory where its heaps cannot grow, so allocations do not fail for it. It is process-wide: it speeds up every JAX program in the
+step page-faulted 1,000-10,000 times per call in some runs and took 32-41 ms instead of 30.)
+glibc still maps memory where its heaps cannot grow, so allocations do not fail for it. The
+setting is process-wide: it speeds up every JAX program in the
 process (a raw-JAX reference benchmarked alongside benefits equally) and keeps the process's
 resident memory at its peak instead of shrinking after each call. ``import jaxnet`` applies it
 unless the environment sets ``JAXNET_HOST_MALLOC=default``.

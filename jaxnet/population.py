@@ -274,7 +274,8 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
     population = jax.tree.map(jnp.copy, population)  # the epochs donate it
 
     start = time.perf_counter()
-    run_epoch = xla_options.jit(epoch_fn, donate_argnums=0).lower(population, x, y, jnp.int32(0)).compile()
+    run_epoch = xla_options.jit(epoch_fn, donate_argnums=0).lower(
+        population, x, y, jnp.int32(0)).compile()
     if eval_data is not None:
         x_eval, y_eval = map(jnp.asarray, eval_data)
         _check_data(net, first.params, x_eval, y_eval, "eval_data")
