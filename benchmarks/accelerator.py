@@ -1,6 +1,6 @@
 """Accelerator throughput: the device's matmul rate, then MLP training in float32 and bfloat16.
 
-First the rate of one large ``jnp.dot`` in each dtype (``jaxnet.bench.matmul_rate``, the best of
+First the rate of one large ``jnp.dot`` in each dtype (``benchmarks.harness.matmul_rate``, the best of
 several repeats, measured ``rounds`` times alternating the dtypes). Then, for each width and
 batch size, an MLP ``width -> width (x layers, ReLU) -> 10`` trained with Adam by ``fit``'s
 compiled epoch program (``jaxnet.train.make_epoch``: a ``lax.scan`` over resident batches, so
@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxnet.bench import Variant, matmul_rate, measure, time_first_call, write_json
-from jaxnet.combinators import serial
-from jaxnet.activations import relu
-from jaxnet.layers import Dense
+from benchmarks.harness import Variant, matmul_rate, measure, time_first_call, write_json
+from jaxnet.nn.combinators import serial
+from jaxnet.nn.activations import relu
+from jaxnet.nn.basic import Dense
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.tensorfile import atomic_write
 from jaxnet.train import init_train_state, make_epoch

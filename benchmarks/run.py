@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick      # ~1 minute
 
 The same workloads run from the command line with ``jaxnet bench [--quick] [--json FILE]``;
-see ``jaxnet/bench.py`` for what each workload and variant is. Run it on a quiet machine: every
+see ``benchmarks/harness.py`` for what each workload and variant is. Run it on a quiet machine: every
 variant is measured side by side in one process, alternating, and reported as median, min and
 max with ratios to the hand-written raw-JAX reference measured in the same run.
 """
@@ -15,7 +15,7 @@ import os
 import pathlib
 import platform
 
-from jaxnet.bench import format_table, run_benchmarks, write_json
+from benchmarks.harness import format_table, run_benchmarks, write_json
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnet import bench
+from benchmarks import harness as bench
 
 W1, W2 = (784, 512, 512, 10), (64, 32, 10)
 # Per-program XLA options (``jax.jit(f, compiler_options=...)``). YNNPACK handles most dots by

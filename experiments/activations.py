@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from jaxnet.run import RunConfig  # noqa: E402
+from jaxnet.app.run import RunConfig  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,14 +18,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train_record(config) -> dict:
-    """Trains ``config`` (a ``jaxnet.run.RunConfig``) with the ``jaxnet train`` recipe.
+    """Trains ``config`` (a ``jaxnet.app.run.RunConfig``) with the ``jaxnet train`` recipe.
 
     Returns:
       ``{"config", "test_accuracy", "train_accuracy", "test_loss", "train_loss", "seconds",
       "examples_per_second", "compile_seconds", "wall_seconds"}``; the lists have one entry per
       epoch (``examples_per_second``: training only, evaluation excluded).
     """
-    from jaxnet.run import train
+    from jaxnet.app.run import train
 
     start = time.perf_counter()
     _, history, _, _ = train(config, out_dir=None, progress=False)

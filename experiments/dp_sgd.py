@@ -43,7 +43,7 @@ import common  # noqa: E402
 import jaxnet as jn  # noqa: E402
 from jaxnet.losses import softmax_cross_entropy  # noqa: E402
 from jaxnet.models import mlp  # noqa: E402
-from jaxnet.run import RunConfig, load_data  # noqa: E402
+from jaxnet.app.run import RunConfig, load_data  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Questions: how much does the test accuracy of the classic network (the ``jaxnet train``
 default: MLP 256-256, ReLU, Adam with cosine decay, 30 epochs on digits) vary with the seed
 alone, and how does it depend on the learning rate? Both are answered by training every member
-at once as a population (``jaxnet.sweep``): each member shuffles with its own seed, exactly as
+at once as a population (``jaxnet.app.sweep``): each member shuffles with its own seed, exactly as
 ``jaxnet train --seed S --lr LR`` would. For scale, one member is also trained alone with
 ``jaxnet train``'s code path, and its time is multiplied by the number of members.
 
@@ -29,8 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from jaxnet.run import RunConfig  # noqa: E402
-from jaxnet.sweep import sweep  # noqa: E402
+from jaxnet.app.run import RunConfig  # noqa: E402
+from jaxnet.app.sweep import sweep  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

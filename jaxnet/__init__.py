@@ -10,21 +10,21 @@ from jaxnet.host_memory import keep_freed_host_memory
 
 keep_freed_host_memory()  # process-wide; JAXNET_HOST_MALLOC=default opts out (see its docstring)
 
-from jaxnet.activations import (Activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid,
+from jaxnet.nn.activations import (Activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid,
                                 silu, softmax, softplus, tanh)
 from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, restore_checkpoint,
                                restore_params, save_checkpoint)
-from jaxnet.combinators import Named, Parallel, Residual, Serial, named, parallel, residual, serial
-from jaxnet.conv import AvgPool, Conv, Conv1D, Conv2D, MaxPool
-from jaxnet.core import Context, Layer, ShapeError
+from jaxnet.nn.combinators import Named, Parallel, Residual, Serial, named, parallel, residual, serial
+from jaxnet.nn.conv import AvgPool, Conv, Conv1D, Conv2D, MaxPool
+from jaxnet.nn.layer import Context, Layer, ShapeError
 from jaxnet.data_parallel import data_mesh
-from jaxnet.layers import Dense, Dropout, Embedding, Flatten, Reshape
-from jaxnet.norm import BatchNorm, LayerNorm
+from jaxnet.nn.basic import Dense, Dropout, Embedding, Flatten, Reshape
+from jaxnet.nn.norm import BatchNorm, LayerNorm
 from jaxnet.precision import Policy, get_policy
 from jaxnet.population import (Ensemble, Population, best_member, fit_population,
                                init_population)
 from jaxnet.stax import from_stax, to_stax
-from jaxnet.summary import Summary, summarize
+from jaxnet.nn.summary import Summary, summarize
 from jaxnet.inference import predict, predict_proba, predict_to_file
 from jaxnet.per_example import (clip_per_example, dp_aggregate, per_example_grads,
                                 per_example_losses, per_example_norms, per_example_value_and_grads)

@@ -52,7 +52,7 @@ def load_process_shard(name: str, *, mesh: Mesh, data_dir=None, path=None,
       ``y_train`` ``(stop - start,)`` int32 are rows ``dataset.train_rows`` of the
       ``dataset.train_examples`` training examples; ``num_classes`` is the whole data set's;
       ``stats = {"mean": m, "std": s}`` (0 and 1 when not standardised), as in
-      :func:`jaxnet.run.load_data`.
+      :func:`jaxnet.app.run.load_data`.
 
     Raises:
       DataError: this process could not load its rows (its own message), another one could not

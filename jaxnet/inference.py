@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import xla_options
-from jaxnet.core import Layer, Params, State, infer_example_ndim, shape_str
+from jaxnet._xla import options as xla_options
+from jaxnet.nn.layer import Layer, Params, State, infer_example_ndim, shape_str
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy
 from jaxnet.tensorfile import current_umask, fsync_directory
 
@@ -43,7 +43,7 @@ def _forward(params, model_state, x, *, net: Layer, proba: bool, policy: Policy 
 @functools.cache
 def _compiled_forward(large: bool = False):
     """The jitted :func:`_forward` for chunks of at least ``LARGE_FORWARD_ROWS`` rows or fewer
-    (see :mod:`jaxnet.xla_options`); built at first use, when JAX's backend may start."""
+    (see :mod:`jaxnet._xla.options`); built at first use, when JAX's backend may start."""
     return xla_options.jit(_forward, static_argnames=("net", "proba", "policy"),
                            forward_rows=xla_options.LARGE_FORWARD_ROWS if large else None)
 

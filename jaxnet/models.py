@@ -6,10 +6,10 @@ the prediction (``softmax_cross_entropy`` applies the softmax inside the loss).
 
 from __future__ import annotations
 
-from jaxnet.activations import ACTIVATIONS
-from jaxnet.combinators import Serial, serial
-from jaxnet.conv import Conv2D, MaxPool
-from jaxnet.layers import Dense, Dropout, Flatten
+from jaxnet.nn.activations import ACTIVATIONS
+from jaxnet.nn.combinators import Serial, serial
+from jaxnet.nn.conv import Conv2D, MaxPool
+from jaxnet.nn.basic import Dense, Dropout, Flatten
 
 
 def _activation(name: str):
@@ -25,7 +25,7 @@ def mlp(hidden: tuple[int, ...], num_classes: int, activation: str = "relu",
     Args:
       hidden: widths of the hidden layers (may be empty: a linear classifier).
       num_classes: output width.
-      activation: a name in ``jaxnet.activations.ACTIVATIONS``.
+      activation: a name in ``jaxnet.nn.activations.ACTIVATIONS``.
       drop_rate: dropout after each hidden activation (none when 0).
     """
     act = _activation(activation)

@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxnet.core import Layer, Params, State, _check_key, infer_example_ndim, shape_str
+from jaxnet.nn.layer import Layer, Params, State, _check_key, infer_example_ndim, shape_str
 from jaxnet.losses import softmax_cross_entropy
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]

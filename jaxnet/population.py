@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnet import xla_options
-from jaxnet.core import Layer, call_layer
+from jaxnet._xla import options as xla_options
+from jaxnet.nn.layer import Layer, call_layer
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.progress import make_progress
-from jaxnet.train import (LossFn, Sums, TrainState, _batch_indices, _check_data, _padded_batches,
+from jaxnet.train.fit import (LossFn, Sums, TrainState, _batch_indices, _check_data, _padded_batches,
                           init_train_state, make_evaluate, shuffled_order, train_batch)
 
 
@@ -108,7 +108,7 @@ def init_population(net: Layer, optimizer: optax.GradientTransformation, x, *,
                     init_scale: Sequence[float] | None = None) -> Population:
     """K fresh members at step 0, initialised in one compiled program.
 
-    Member ``i`` is what ``jaxnet.run.train`` starts from with ``seed=seeds[i]``: its init key
+    Member ``i`` is what ``jaxnet.app.run.train`` starts from with ``seed=seeds[i]``: its init key
     and run key are ``jax.random.split(jax.random.key(seeds[i]))``.
 
     Args:

@@ -5,7 +5,7 @@ the floating inputs to the compute dtype, runs the network, and casts its output
 the output dtype, so the softmax and the loss see float32. Gradients reach the float32
 parameters through the casts (the VJP of a cast is the cast back), so the optimizer updates a
 float32 master copy and its state stays float32. Normalisation layers compute their statistics
-in float32 whatever the compute dtype (``jaxnet/norm.py``), and BatchNorm keeps its running
+in float32 whatever the compute dtype (``jaxnet/nn/norm.py``), and BatchNorm keeps its running
 statistics in float32.
 
 Named policies:
@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnet.core import Layer, Params, State, _leaves_by_path
+from jaxnet.nn.layer import Layer, Params, State, _leaves_by_path
 
 DTypeLike = Any
 

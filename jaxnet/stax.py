@@ -42,8 +42,8 @@ from jax.nn import (elu, gelu, leaky_relu, log_softmax, relu, selu, sigmoid, sof
                     standardize)
 from jax.nn.initializers import glorot_normal, normal, ones, zeros
 
-from jaxnet.combinators import as_layer
-from jaxnet.core import Context, Layer, ShapeError, call_layer, shape_str
+from jaxnet.nn.combinators import as_layer
+from jaxnet.nn.layer import Context, Layer, ShapeError, call_layer, shape_str
 
 __all__ = [
     "AvgPool", "BatchNorm", "Conv", "Conv1DTranspose", "ConvTranspose", "Dense", "Dropout", "Elu", "Exp",

@@ -1,4 +1,4 @@
-"""One process of a two-process ``jaxnet.run.train``; used by tests/test_data_shards.py.
+"""One process of a two-process ``jaxnet.app.run.train``; used by tests/test_data_shards.py.
 
 ``python tests/data_shards_worker.py COORDINATOR PROCESS_ID DATA_DIR RUN_DIR OUT.npz`` joins a
 JAX cluster of 2 processes (2 CPU devices each, from XLA_FLAGS), trains on the MNIST-format
@@ -19,7 +19,7 @@ CONFIG = {"dataset": "mnist", "hidden": (16,), "epochs": 2, "batch_size": 8, "lr
 
 def main(coordinator, process_id, data_dir, run_dir, out_path):
     data_parallel.initialize(coordinator, 2, int(process_id))
-    from jaxnet.run import RunConfig, train  # after initialize: nothing may start JAX before
+    from jaxnet.app.run import RunConfig, train  # after initialize: nothing may start JAX before
 
     config = RunConfig(data_dir=data_dir, **CONFIG)
     try:

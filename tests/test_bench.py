@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from jaxnet import bench, bench_peers
+from benchmarks import harness as bench, peers as bench_peers
 
 SIZES = (8, 4, 4, 3)  # one hidden width, as Equinox's MLP needs
 FIELDS = {"workload", "variant", "unit", "median", "min", "max", "ratio", "gflops",
@@ -100,8 +100,8 @@ def test_equinox_peer_needs_one_hidden_width():
 
 
 def test_w4_variants_train_every_member_and_measure():
-    from jaxnet.bench import measure
-    from jaxnet.bench_population import flops_per_unit, population_variants
+    from benchmarks.harness import measure
+    from benchmarks.population import flops_per_unit, population_variants
 
     variants = population_variants(members=2, steps=4)
     assert [v.name for v in variants] == [
@@ -115,7 +115,7 @@ def test_w4_variants_train_every_member_and_measure():
 
 
 def test_cli_bench_prints_skip_notes_verbatim_and_writes_json(monkeypatch, tmp_path, capsys):
-    from jaxnet.cli import main
+    from jaxnet.app.cli import main
 
     entry = {"workload": "W2 tiny", "variant": "raw", "unit": "steps/s", "median": 2.0, "min": 1.0,
              "max": 3.0, "ratio": 1.0, "gflops": 0.5, "fraction_of_matmul": 0.25,

@@ -21,9 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxnet as jn
-from jaxnet import checkpoint, run, train
+from jaxnet import checkpoint, train
+from jaxnet.app import run
 from jaxnet.checkpoint import CheckpointError
-from jaxnet.cli import main
+from jaxnet.app.cli import main
 from jaxnet.tensorfile import named_leaves
 
 
@@ -612,7 +613,7 @@ def lines(path: Path) -> int:
 
 @pytest.mark.slow
 def test_a_run_killed_at_random_moments_resumes_to_the_same_bits(tmp_path):
-    train_command = [sys.executable, "-m", "jaxnet.cli", "train", "--no-progress"]
+    train_command = [sys.executable, "-m", "jaxnet.app.cli", "train", "--no-progress"]
     epochs = 12
     options = ["--epochs", str(epochs), "--hidden", "32", "--checkpoint-every", "1"]
     subprocess.run([*train_command, *options, "--out", str(tmp_path / "whole")], check=True,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxnet.cli import main
+from jaxnet.app.cli import main
 
 FAST = ["--epochs", "2", "--hidden", "32", "--no-progress"]
 
@@ -90,7 +90,7 @@ def test_corrupt_params_file_is_a_clean_error(run_dir, tmp_path, capsys):
 def test_the_console_command_never_shows_a_traceback(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, x_train=np.zeros((4, 3)), y_train=np.zeros(5, np.int64))
-    result = subprocess.run([sys.executable, "-m", "jaxnet.cli", "train", "--dataset", "npz",
+    result = subprocess.run([sys.executable, "-m", "jaxnet.app.cli", "train", "--dataset", "npz",
                              "--data", str(bad), "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

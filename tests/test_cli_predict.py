@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from jaxnet.cli import main
+from jaxnet.app.cli import main
 from jaxnet.data import load_digits
 from jaxnet.inference import predict
-from jaxnet.run import load_data, read_run
+from jaxnet.app.run import load_data, read_run
 
 
 @pytest.fixture(scope="module")

@@ -382,7 +382,7 @@ def test_numpy_integer_sizes_are_accepted(key):
 
 # ---- the fast CPU formulations equal the straightforward lax ones (values and gradients) -------
 
-from jaxnet import _conv_ops  # noqa: E402
+from jaxnet._xla import conv_ops as _conv_ops  # noqa: E402
 
 
 @pytest.mark.parametrize("spatial, kernel, strides, dilation, padding", [

@@ -20,8 +20,8 @@ from jax.sharding import AbstractMesh, AxisType
 import jaxnet as jn
 from jaxnet import data_parallel
 from jaxnet.checkpoint import read_checkpoint
-from jaxnet.cli import main
-from jaxnet.run import RunConfig, load_data, write_config
+from jaxnet.app.cli import main
+from jaxnet.app.run import RunConfig, load_data, write_config
 from support import CHILD_ENV, blobs, free_port, run_processes
 
 TESTS = Path(__file__).parent
@@ -219,7 +219,7 @@ def test_fit_rejects_a_batch_that_does_not_split_over_the_devices(eight_device_r
 
 
 def test_cli_batch_size_error_on_eight_devices(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "jaxnet.cli", "train", "--devices", "8",
+    done = subprocess.run([sys.executable, "-m", "jaxnet.app.cli", "train", "--devices", "8",
                            "--batch-size", "30", "--no-progress", "--out", str(tmp_path / "run")],
                           env=CHILD_ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
                           capture_output=True, text=True, timeout=300)
@@ -235,7 +235,7 @@ def test_cli_batch_size_error_on_eight_devices(tmp_path):
 def test_two_processes_train_like_one(tmp_path):
     """``jaxnet train`` as two processes of 2 CPU devices each (gloo collectives) equals one."""
     options = ["--epochs", "2", "--hidden", "32", "--no-progress", "--checkpoint-every", "1"]
-    command = [sys.executable, "-m", "jaxnet.cli", "train", *options]
+    command = [sys.executable, "-m", "jaxnet.app.cli", "train", *options]
     env = CHILD_ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     cluster = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
     # Process 1 gets another --out: only process 0 may write anything.

@@ -2,7 +2,7 @@
 
 The row-range readers themselves are tested in tests/test_data.py. Here: the global statistics
 in one process, ``fit`` on a process's rows, and (marked slow) two processes of one JAX cluster
-over 127.0.0.1 running ``jaxnet.run.train`` (tests/data_shards_worker.py).
+over 127.0.0.1 running ``jaxnet.app.run.train`` (tests/data_shards_worker.py).
 """
 
 import gzip
@@ -18,7 +18,7 @@ import pytest
 import jaxnet as jn
 from jaxnet import data_parallel, data_shards
 from jaxnet.data import DataError
-from jaxnet.run import RunConfig, load_data, train
+from jaxnet.app.run import RunConfig, load_data, train
 from jaxnet.tensorfile import named_leaves
 from data_shards_worker import CONFIG
 from support import CHILD_ENV, blobs, free_port, run_processes

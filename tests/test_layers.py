@@ -15,7 +15,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxnet as jn
-from jaxnet import _dense_ops
+from jaxnet._xla import dense_ops as _dense_ops
 from contract import assert_contract, f64, random_params
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 layer vs float64 reference

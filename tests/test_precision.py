@@ -17,10 +17,10 @@ import pytest
 
 import jaxnet as jn
 from jaxnet import train
-from jaxnet.cli import main
+from jaxnet.app.cli import main
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.precision import POLICIES, Policy, apply_with_policy, get_policy
-from jaxnet.run import RunConfig
+from jaxnet.app.run import RunConfig
 
 BF16 = jnp.dtype(jnp.bfloat16)
 F32 = jnp.dtype(jnp.float32)

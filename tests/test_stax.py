@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 
 import jaxnet as jn
 from jaxnet import stax
-from jaxnet.core import ShapeError
+from jaxnet.nn.layer import ShapeError
 from jaxnet.stax import from_stax, to_stax
 
 DIGITS = pathlib.Path(jn.__file__).parent / "datasets" / "digits.npz"

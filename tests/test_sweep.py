@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnet import cli
-from jaxnet.run import RunConfig, read_run, train
-from jaxnet.sweep import sweep, sweep_configs
+from jaxnet.app import cli
+from jaxnet.app.run import RunConfig, read_run, train
+from jaxnet.app.sweep import sweep, sweep_configs
 from jaxnet.tensorfile import load_params
 
 BASE = RunConfig(hidden=(16,), epochs=2, batch_size=64, lr=1e-2)

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jaxnet as jn
-from jaxnet import _conv_ops, xla_options
+from jaxnet._xla import conv_ops as _conv_ops, options as xla_options
 from jaxnet.inference import _compiled_forward
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnet.bench import Variant, _raw_update, loop_variant, mlp, raw_apply, raw_init
+from benchmarks.harness import Variant, _raw_update, loop_variant, mlp, raw_apply, raw_init
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.population import init_population, make_population_epoch
 from jaxnet.train import make_epoch, make_train_step

@@ -9,7 +9,7 @@ Workloads (see ``shared/PERFORMANCE.md`` for the peers measured on this machine)
   W1: MLP 784-512-512-10, Adam, float32, batch 128 (and 1024): train steps per second.
   W2: MLP 64-32-10, batch 32: the same, all per-step overhead.
   W3: forward pass of the W1 MLP on 8192 inputs: samples per second.
-  W4: 16 W2 MLPs trained at once (``jaxnet.bench_population``): steps of every member per
+  W4: 16 W2 MLPs trained at once (``benchmarks.population``): steps of every member per
       second, against training them one after another.
   W5: CNN conv3x3(32)-relu-maxpool2-conv3x3(64)-relu-maxpool2-dense(128)-relu-dense(10) on
       28x28x1, batch 128, Adam: train steps per second (raw JAX with ``lax`` convolutions and
@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnet import xla_options
-from jaxnet.combinators import serial
-from jaxnet.activations import relu
+from jaxnet._xla import options as xla_options
+from jaxnet.nn.combinators import serial
+from jaxnet.nn.activations import relu
 from jaxnet.inference import predict
-from jaxnet.layers import Dense
+from jaxnet.nn.basic import Dense
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.tensorfile import atomic_write
 from jaxnet.train import init_train_state, make_epoch, make_train_step
@@ -170,7 +170,7 @@ def train_variants(sizes, batch, steps_per_call, peers: list[dict] | None = None
                 raw_scan_variant(raw_apply, raw_init(key, sizes), x, y, min(200, steps_per_call)),
                 *jaxnet_train_variants(mlp(sizes), x, y, steps_per_call)]
     if peers is not None:
-        from jaxnet.bench_peers import peer_train_variants
+        from benchmarks.peers import peer_train_variants
         variants += peer_train_variants(_workload_name(sizes, batch), sizes, x, y, peers)
     return variants
 
@@ -247,7 +247,7 @@ def torch_cnn_variants(batch: int) -> list[Variant]:
         import torch
     except ImportError:
         return []
-    from jaxnet.bench_peers import torch_train_variant
+    from benchmarks.peers import torch_train_variant
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -317,9 +317,9 @@ def _log_skipped(skipped: list[dict], start: int, log: Callable[[str], None]) ->
 def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print) -> dict:
     """Runs every workload; returns ``{"matmul_gflops", "entries", "skipped", "settings"}``.
 
-    The peer libraries (``jaxnet.bench_peers``) run on W1 at batch 128, W2 and W3 when they are
+    The peer libraries (``benchmarks.peers``) run on W1 at batch 128, W2 and W3 when they are
     installed; ``skipped`` holds a note for each one that is not."""
-    from jaxnet.bench_peers import peer_inference_variants
+    from benchmarks.peers import peer_inference_variants
     from jaxnet.models import cnn
 
     load_before = os.getloadavg()
@@ -343,7 +343,7 @@ def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print) -> d
             entries += compile_entries(
                 name, variants, lambda: train_variants(sizes, batch, steps, []),
                 2 if quick else 3)
-    from jaxnet.bench_population import flops_per_unit, population_variants
+    from benchmarks.population import flops_per_unit, population_variants
 
     steps = 40 if quick else 200
     log(f"W4 population of 16 W2 MLPs: {rounds} rounds of {steps} steps of every member")

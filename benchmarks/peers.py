@@ -6,7 +6,7 @@ beyond that: Flax NNX with an ``nnx.Optimizer`` and an ``nnx.jit`` train step; E
 ``eqx.filter_jit``; Haiku with ``hk.transform`` of ``hk.nets.MLP`` and a ``jax.jit`` update;
 PyTorch eager with ``torch.optim.Adam(fused=True)``, and ``torch.inference_mode`` for inference.
 All train with Adam (learning rate 1e-3) on softmax cross-entropy, float32, like the raw-JAX
-reference in ``jaxnet.bench``.
+reference in ``benchmarks.harness``.
 
 The peers are optional (``pip install -e ".[peers]"``). A peer whose package is missing is
 skipped: the builders return no variant for it and add a note to ``skipped``.
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxnet.bench import Variant, loop_variant
+from benchmarks.harness import Variant, loop_variant
 
 INSTALL_HINT = "pip install -e '.[peers]'"
 

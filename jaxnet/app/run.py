@@ -30,9 +30,9 @@ from jaxnet import data_shards
 from jaxnet import models
 from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                restore_checkpoint, save_checkpoint)
-from jaxnet.core import Layer, shape_str
+from jaxnet.nn.layer import Layer, shape_str
 from jaxnet.inference import Preprocess
-from jaxnet.plots import plot_curves
+from jaxnet.app.plots import plot_curves
 from jaxnet.precision import TRAINING_PRECISIONS
 from jaxnet.tensorfile import atomic_write, load_params, save_params
 from jaxnet.train import ON_NAN, TrainState, fit, init_train_state

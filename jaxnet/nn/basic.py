@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import _dense_ops
-from jaxnet.core import (Layer, broadcast_trailing, ShapeError, param_dtype, require_floating, shape_str)
-from jaxnet.initializers import check_weight_init, init_weight_and_bias
+from jaxnet._xla import dense_ops as _dense_ops
+from jaxnet.nn.layer import (Layer, broadcast_trailing, ShapeError, param_dtype, require_floating, shape_str)
+from jaxnet.nn.initializers import check_weight_init, init_weight_and_bias
 
 
 def check_positive(layer: str, name: str, value) -> None:

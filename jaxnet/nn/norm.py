@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnet.core import Layer, ShapeError, broadcast_trailing, require_floating, shape_str
+from jaxnet.nn.layer import Layer, ShapeError, broadcast_trailing, require_floating, shape_str
 
 
 def _check_feature_axis(x, path: str) -> None:

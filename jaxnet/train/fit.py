@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnet import xla_options
-from jaxnet.core import Layer, Params, State
+from jaxnet._xla import options as xla_options
+from jaxnet.nn.layer import Layer, Params, State
 from jaxnet.losses import check_labels, softmax_cross_entropy
 from jaxnet.metrics import is_argmax
 from jaxnet.precision import (Policy, apply_with_policy, check_params, get_policy,
@@ -438,7 +438,7 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         block of rows. Results equal a one-device run's up to float rounding.
       num_examples: with ``mesh``: the size of the whole training set, when ``train_data``
         holds only this process's block of it, rows ``data_parallel.process_rows(num_examples,
-        mesh)`` (as :func:`jaxnet.run.train` loads them in a multi-process run); the results
+        mesh)`` (as :func:`jaxnet.app.run.train` loads them in a multi-process run); the results
         are those of passing the whole set. Labels are checked only in this block.
 
     Returns:

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnet import _conv_ops
-from jaxnet.core import Layer, broadcast_trailing, ShapeError, require_example_ndim, require_floating, shape_str
-from jaxnet.initializers import check_weight_init, init_weight_and_bias
-from jaxnet.layers import check_positive
+from jaxnet._xla import conv_ops as _conv_ops
+from jaxnet.nn.layer import Layer, broadcast_trailing, ShapeError, require_example_ndim, require_floating, shape_str
+from jaxnet.nn.initializers import check_weight_init, init_weight_and_bias
+from jaxnet.nn.basic import check_positive
 
 Padding = str | tuple[tuple[int, int], ...]
 

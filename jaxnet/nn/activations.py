@@ -11,7 +11,7 @@ from typing import Callable
 
 import jax
 
-from jaxnet.core import Layer, ShapeError, shape_str
+from jaxnet.nn.layer import Layer, ShapeError, shape_str
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

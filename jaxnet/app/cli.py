@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from jaxnet.run import RunConfig
+    from jaxnet.app.run import RunConfig
 
 USAGE_ERROR = 2
 
@@ -75,7 +75,7 @@ def _add_model_options(parser: argparse.ArgumentParser, defaults, drop_rate: boo
 
 def _parser() -> argparse.ArgumentParser:
     from jaxnet.precision import TRAINING_PRECISIONS
-    from jaxnet.run import OPTIMIZERS, SCHEDULES, RunConfig
+    from jaxnet.app.run import OPTIMIZERS, SCHEDULES, RunConfig
     from jaxnet.train import ON_NAN
 
     defaults = RunConfig()
@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config_from(args) -> "RunConfig":
-    from jaxnet.run import RunConfig
+    from jaxnet.app.run import RunConfig
 
     names = {f.name for f in dataclasses.fields(RunConfig)}
     return RunConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
@@ -188,7 +188,7 @@ def _new_run_dir(args, config) -> Path:
 
 def _given_options(args) -> list[str]:
     """The RunConfig options (and --out) given on the command line."""
-    from jaxnet.run import RunConfig
+    from jaxnet.app.run import RunConfig
 
     names = [f.name for f in dataclasses.fields(RunConfig) if getattr(args, f.name, None) is not None]
     return (["--out"] if args.out is not None else []) + [
@@ -197,7 +197,7 @@ def _given_options(args) -> list[str]:
 
 def cmd_train(args, console: Console) -> None:
     from jaxnet import data_parallel
-    from jaxnet.run import read_config, train
+    from jaxnet.app.run import read_config, train
 
     # Before anything starts JAX's backends; a no-op without cluster flags or variables.
     data_parallel.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -231,7 +231,7 @@ def cmd_eval(args, console: Console) -> None:
     from jaxnet.inference import predict
     from jaxnet.losses import softmax_cross_entropy
     from jaxnet.metrics import accuracy, confusion_matrix
-    from jaxnet.run import load_data, read_run
+    from jaxnet.app.run import load_data, read_run
 
     config, record, net, params = read_run(args.run_dir)
     dataset, _ = load_data(config)
@@ -254,7 +254,7 @@ def cmd_eval(args, console: Console) -> None:
 def cmd_predict(args, console: Console) -> None:
     from jaxnet.data import open_npy
     from jaxnet.inference import predict_to_file
-    from jaxnet.run import read_run, run_preprocess
+    from jaxnet.app.run import read_run, run_preprocess
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
@@ -275,7 +275,7 @@ def cmd_predict(args, console: Console) -> None:
 
 
 def cmd_sweep(args, console: Console) -> None:
-    from jaxnet.sweep import GRID, format_settings, sweep, sweep_configs
+    from jaxnet.app.sweep import GRID, format_settings, sweep, sweep_configs
 
     base = _config_from(args)
     grid = {name: getattr(args, f"grid_{name}") for name in GRID
@@ -302,8 +302,8 @@ def cmd_sweep(args, console: Console) -> None:
 
 
 def cmd_summary(args, console: Console) -> None:
-    from jaxnet.run import build_model, load_data, read_run
-    from jaxnet.summary import summarize
+    from jaxnet.app.run import build_model, load_data, read_run
+    from jaxnet.nn.summary import summarize
 
     if args.run_dir is not None:
         _, record, net, _ = read_run(args.run_dir)
@@ -316,7 +316,7 @@ def cmd_summary(args, console: Console) -> None:
 
 
 def cmd_bench(args, console: Console) -> None:
-    from jaxnet.bench import format_table, run_benchmarks, write_json
+    from benchmarks.harness import format_table, run_benchmarks, write_json
 
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist")

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import jax
 
-from jaxnet.core import Layer, as_spec, infer_example_ndim, shape_str
+from jaxnet.nn.layer import Layer, as_spec, infer_example_ndim, shape_str
 
 
 class SummaryRow(NamedTuple):

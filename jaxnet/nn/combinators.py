@@ -16,7 +16,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxnet.core import (Array, Context, Layer, Params, ShapeError, State, call_layer,
+from jaxnet.nn.layer import (Array, Context, Layer, Params, ShapeError, State, call_layer,
                          join_path, shape_str)
 
 
@@ -25,7 +25,7 @@ def as_layer(layer) -> Layer:
     if isinstance(layer, Layer):
         return layer
     if callable(layer):
-        from jaxnet.activations import Activation
+        from jaxnet.nn.activations import Activation
         return Activation(layer)
     raise TypeError(f"expected a jaxnet layer or a function; got {layer!r} of type {type(layer).__name__}")
 

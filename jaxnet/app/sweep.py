@@ -1,6 +1,6 @@
 """A sweep: a grid of seeds and hyperparameters trained as one population (``jaxnet sweep``).
 
-Every member is an ordinary :class:`~jaxnet.run.RunConfig` (the base config with its own seed,
+Every member is an ordinary :class:`~jaxnet.app.run.RunConfig` (the base config with its own seed,
 learning rate, weight decay, dropout rate and init scale), so ``jaxnet train`` with that config
 reproduces it. The sweep directory holds:
 
@@ -28,9 +28,9 @@ import numpy as np
 
 from jaxnet import data as datasets
 from jaxnet.population import Ensemble, Population, best_member, fit_population, init_population
-from jaxnet.run import (RunConfig, build_model, build_optimizer, load_data, run_record,
+from jaxnet.app.run import (RunConfig, build_model, build_optimizer, load_data, run_record,
                         write_config)
-from jaxnet.plots import plot_population
+from jaxnet.app.plots import plot_population
 from jaxnet.tensorfile import atomic_write, save_params
 from jaxnet.train import evaluate
 
