@@ -6,10 +6,6 @@
 >>> logits = net.apply(params, jax.numpy.ones((32, 28, 28)))   # (32, 10)
 """
 
-from jaxnet.host_memory import keep_freed_host_memory
-
-keep_freed_host_memory()  # process-wide; JAXNET_HOST_MALLOC=default opts out (see its docstring)
-
 from jaxnet.nn.activations import (Activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid,
                                 silu, softmax, softplus, tanh)
 from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, restore_checkpoint,
@@ -18,6 +14,7 @@ from jaxnet.nn.combinators import Named, Parallel, Residual, Serial, named, para
 from jaxnet.nn.conv import AvgPool, Conv, Conv1D, Conv2D, MaxPool
 from jaxnet.nn.layer import Context, Layer, ShapeError
 from jaxnet.data_parallel import data_mesh
+from jaxnet.host_memory import keep_freed_host_memory
 from jaxnet.nn.basic import Dense, Dropout, Embedding, Flatten, Reshape
 from jaxnet.nn.norm import BatchNorm, LayerNorm
 from jaxnet.precision import Policy, get_policy
@@ -43,4 +40,5 @@ __all__ = [
     "best_member", "fit_population", "init_population", "Policy", "get_policy",
     "predict_proba", "predict_to_file", "clip_per_example", "dp_aggregate", "per_example_grads",
     "per_example_losses", "per_example_norms", "per_example_value_and_grads",
+    "keep_freed_host_memory",
 ]
