@@ -6,7 +6,7 @@ beyond that: Flax NNX with an ``nnx.Optimizer`` and an ``nnx.jit`` train step; E
 ``eqx.filter_jit``; Haiku with ``hk.transform`` of ``hk.nets.MLP`` and a ``jax.jit`` update;
 PyTorch eager with ``torch.optim.Adam(fused=True)``, and ``torch.inference_mode`` for inference.
 All train with Adam (learning rate 1e-3) on softmax cross-entropy, float32, like the raw-JAX
-reference in ``benchmarks.harness``.
+reference in ``benchmarks.workloads``.
 
 The peers are optional (``pip install -e ".[peers]"``). A peer whose package is missing is
 skipped: the builders return no variant for it and add a note to ``skipped``.
@@ -181,6 +181,23 @@ def torch_apply(sizes, x) -> Variant:
             return model(x)
 
     return loop_variant(f"pytorch {torch.__version__} eager, inference_mode", forward, None)
+
+
+def torch_cnn_variants(batch: int) -> list[Variant]:
+    """PyTorch eager (fused Adam) on W5's CNN (``benchmarks.workloads.cnn_variants``) at
+    ``batch``, when PyTorch is installed; no variant, and no note, when it is not."""
+    try:
+        import torch
+    except ImportError:
+        return []
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(3136, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    return [torch_train_variant(model, np.random.default_rng(0).standard_normal(
+        (batch, 1, 28, 28), np.float32), np.random.default_rng(1).integers(0, 10, batch))]
 
 
 # ---- building the variants, skipping missing packages ------------------------------------------

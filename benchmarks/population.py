@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.harness import Variant, _raw_update, loop_variant, mlp, raw_apply, raw_init
+from benchmarks.harness import Variant, loop_variant
+from benchmarks.workloads import W2, mlp, raw_apply, raw_init, raw_update, weights
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.population import init_population, make_population_epoch
 from jaxnet.train import make_epoch, make_train_step
 
-SIZES, BATCH = (64, 32, 10), 32
+SIZES, BATCH = W2, 32
 
 
 def _data(steps: int):
@@ -54,13 +55,13 @@ def population_variants(members: int = 16, steps: int = 200) -> list[Variant]:
     lrs = np.geomspace(1e-3, 1e-2, members)
     keys = jax.random.split(jax.random.key(0), members)
 
-    raw_update = functools.partial(_raw_update, optax.adam(1e-3), raw_apply)
-    raw_step = jax.jit(raw_update, donate_argnums=(0, 1))
+    update = functools.partial(raw_update, optax.adam(1e-3), raw_apply)
+    raw_step = jax.jit(update, donate_argnums=(0, 1))
     raw_states = [(p, optax.adam(1e-3).init(p)) for p in (raw_init(k, SIZES) for k in keys)]
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *raw_states)
     variants = [_sequential(f"raw-jax step loop, {members} one after another",
                             lambda s: raw_step(*s, xb, yb)[:2], raw_states, steps)]
-    vmapped = jax.jit(jax.vmap(raw_update, (0, 0, None, None)), donate_argnums=(0, 1))
+    vmapped = jax.jit(jax.vmap(update, (0, 0, None, None)), donate_argnums=(0, 1))
     variants.append(loop_variant("raw-jax vmap of the step, step loop",
                                  lambda s: vmapped(*s, xb, yb)[:2], stacked, units_per_call=1))
 
@@ -96,4 +97,4 @@ def population_variants(members: int = 16, steps: int = 200) -> list[Variant]:
 
 def flops_per_unit(members: int = 16) -> float:
     """Training FLOPs of one step of every member (3x the forward pass's matrix products)."""
-    return 6 * BATCH * members * sum(m * n for m, n in zip(SIZES[:-1], SIZES[1:]))
+    return 6 * BATCH * members * weights(SIZES)

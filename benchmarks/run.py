@@ -3,33 +3,147 @@
     python benchmarks/run.py              # full: ~5 minutes on 2 CPU cores
     python benchmarks/run.py --quick      # ~1 minute
 
-The same workloads run from the command line with ``jaxnet bench [--quick] [--json FILE]``;
-see ``benchmarks/harness.py`` for what each workload and variant is. Run it on a quiet machine: every
-variant is measured side by side in one process, alternating, and reported as median, min and
-max with ratios to the hand-written raw-JAX reference measured in the same run.
+Run it on a quiet machine: every variant is measured side by side in one process, alternating,
+and reported as median, min and max with ratios to the hand-written raw-JAX reference measured
+in the same run (``benchmarks/harness.py``).
+``main`` opts in to the host allocator setting first: ``jaxnet.keep_freed_host_memory()``.
+
+Workloads (``benchmarks/workloads.py``; see ``shared/PERFORMANCE.md`` for the peers measured on
+this machine):
+  W1: MLP 784-512-512-10, Adam, float32, batch 128 (and 1024): train steps per second.
+  W2: MLP 64-32-10, batch 32: the same, all per-step overhead.
+  W3: forward pass of the W1 MLP on 8192 inputs: samples per second.
+  W4: 16 W2 MLPs trained at once (``benchmarks/population.py``): steps of every member per
+      second, against training them one after another.
+  W5: CNN conv3x3(32)-relu-maxpool2-conv3x3(64)-relu-maxpool2-dense(128)-relu-dense(10) on
+      28x28x1, batch 128, Adam: train steps per second (raw JAX with ``lax`` convolutions and
+      ``reduce_window`` max-pool as the reference; PyTorch eager when it is installed), and the
+      forward pass on 8192 inputs.
+The peer libraries (``benchmarks/peers.py``) run on W1 at batch 128, W2 and W3 when installed.
 """
+
+from __future__ import annotations
 
 import argparse
 import datetime
 import os
 import pathlib
 import platform
+import sys
+from typing import Callable
 
-from benchmarks.harness import format_table, run_benchmarks, write_json
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: `python benchmarks/run.py`
+    sys.path.insert(0, str(ROOT))
+
+import jax
+import jax.numpy as jnp
+
+import jaxnet
+from benchmarks import peers, population, workloads
+from benchmarks.harness import (Variant, compile_entries, format_table, matmul_rate,
+                                measure, summarise, write_json)
+from jaxnet.models import cnn
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def main() -> None:
+def mlp_train_variants(sizes, batch, steps_per_call, skipped: list[dict] | None = None
+                   ) -> list[Variant]:
+    """``workloads.train_variants``, then, with ``skipped`` (a list that collects notes on missing
+    packages), the peer libraries' train steps on the same batch."""
+    variants = workloads.train_variants(sizes, batch, steps_per_call)
+    if skipped is not None:
+        x, y = workloads.mlp_batch(sizes, batch)
+        variants += peers.peer_train_variants(workloads.workload_name(sizes, batch), sizes, x, y,
+                                              skipped)
+    return variants
+
+
+def _log_skipped(skipped: list[dict], start: int, log: Callable[[str], None]) -> None:
+    for note in skipped[start:]:
+        log(f"  skipped {note['variant']} on {note['workload']}: {note['reason']}")
+
+
+def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Runs every workload; returns ``{"matmul_gflops", "entries", "skipped", "settings"}``.
+
+    The peer libraries (``benchmarks.peers``) run on W1 at batch 128, W2 and W3 when they are
+    installed; ``skipped`` holds a note for each one that is not."""
+    load_before = os.getloadavg()
+    rounds = 3 if quick else 7
+    peak = matmul_rate()
+    log(f"float32 matmul rate: {peak / 1e9:.1f} GFLOP/s")
+    w1, w2 = workloads.W1, workloads.W2
+    mlps = [(w1, 128, 20 if quick else 200, True), (w1, 1024, 5 if quick else 10, False),
+            (w2, 32, 200 if quick else 1000, True)]
+    entries, skipped = [], []
+    for sizes, batch, steps, with_peers in mlps:
+        name = workloads.workload_name(sizes, batch)
+        log(f"{name}: {rounds} rounds of {steps} steps")
+        noted = len(skipped)
+        variants = mlp_train_variants(sizes, batch, steps, skipped if with_peers else None)
+        _log_skipped(skipped, noted, log)
+        rates = measure(variants, steps, rounds)
+        entries += summarise(name, variants, rates, "steps/s",
+                             6 * batch * workloads.weights(sizes), peak)
+        if (sizes, batch) == (w1, 128):
+            log(f"Compile {name}: time to the first finished step, {2 if quick else 3} times")
+            entries += compile_entries(
+                name, variants, lambda: mlp_train_variants(sizes, batch, steps, []),
+                2 if quick else 3)
+
+    steps = 40 if quick else 200
+    log(f"W4 population of 16 W2 MLPs: {rounds} rounds of {steps} steps of every member")
+    variants = population.population_variants(16, steps)
+    entries += summarise("W4 16x W2 MLP b32", variants, measure(variants, steps, rounds),
+                         "steps/s (all 16)", population.flops_per_unit(16), peak)
+    n, key = 8192, jax.random.key(0)
+    log(f"W3 forward of the W1 MLP on {n} inputs: {rounds} rounds")
+    x, noted = jax.random.normal(key, (n, w1[0]), jnp.float32), len(skipped)
+    variants = (workloads.inference_variants(workloads.raw_apply, workloads.raw_init(key, w1),
+                                             workloads.mlp(w1), x)
+                + peers.peer_inference_variants(f"W3 forward W1 MLP n{n}", w1, x, skipped))
+    _log_skipped(skipped, noted, log)
+    entries += _forward_entries(f"W3 forward W1 MLP n{n}", variants, n, 2 * workloads.weights(w1),
+                                quick, rounds, peak)
+
+    steps = 3 if quick else 10
+    log(f"W5 CNN b128: {rounds} rounds of {steps} steps")
+    variants = workloads.cnn_variants(128, steps) + peers.torch_cnn_variants(128)
+    entries += summarise("W5 CNN b128", variants, measure(variants, steps, rounds), "steps/s",
+                         3 * 128 * workloads.CNN_FLOPS_PER_EXAMPLE, peak)
+    log(f"W5 CNN forward on {n} inputs: {rounds} rounds")
+    variants = workloads.inference_variants(workloads.raw_cnn_apply, workloads.raw_cnn_init(key),
+                                            cnn(10),
+                                            jax.random.normal(key, (n, 28, 28, 1), jnp.float32))
+    entries += _forward_entries(f"W5 forward CNN n{n}", variants, n,
+                                workloads.CNN_FLOPS_PER_EXAMPLE, quick, rounds, peak)
+    return {"matmul_gflops": peak / 1e9, "entries": entries, "skipped": skipped,
+            "settings": {"quick": quick, "rounds": rounds, "jax": jax.__version__,
+                         "devices": [str(d) for d in jax.devices()],
+                         "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                         "xla_flags": os.environ.get("XLA_FLAGS", "")}}
+
+
+def _forward_entries(workload, variants, n, flops_per_example, quick, rounds, peak) -> list[dict]:
+    rates = measure(variants, 2 if quick else 5, rounds)
+    return summarise(workload, variants, {k: [r * n for r in v] for k, v in rates.items()},
+                     "samples/s", flops_per_example, peak)
+
+
+def main(argv: list[str] | None = None) -> None:
+    jaxnet.keep_freed_host_memory()  # process-wide; helps the raw-JAX reference equally
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--name", default="latest", help="results file name (default %(default)s)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = run_benchmarks(quick=args.quick)
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "date": datetime.date.today().isoformat()}
-    out = pathlib.Path(__file__).parent / "results"
-    write_json(results, out / f"{args.name}.json")
+    write_json(results, RESULTS / f"{args.name}.json")
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
-    (out / f"{args.name}.md").write_text(
+    (RESULTS / f"{args.name}.md").write_text(
         f"`{command}` on {results['machine']['date']}, {platform.machine()} with "
         f"{os.cpu_count()} CPU cores, jax {results['settings']['jax']}\n\n{format_table(results)}\n")
     print(format_table(results))

@@ -37,12 +37,19 @@ import sys
 import tempfile
 import time
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: `python benchmarks/xla_cpu.py`
+    sys.path.insert(0, str(ROOT))
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import harness as bench
+import jaxnet
+from benchmarks.harness import Variant, loop_variant, matmul_rate, measure, write_json
+from benchmarks.workloads import (raw_apply, raw_init, raw_scan_variant, raw_update, raw_variant,
+                                  workload_name)
 
 W1, W2 = (784, 512, 512, 10), (64, 32, 10)
 # Per-program XLA options (``jax.jit(f, compiler_options=...)``). YNNPACK handles most dots by
@@ -63,12 +70,12 @@ def batch_of(sizes, batch, seed=0):
 
 
 def medians(variants, units, rounds) -> dict[str, dict]:
-    rates = bench.measure(variants, units, rounds)
+    rates = measure(variants, units, rounds)
     return {name: {"median": statistics.median(r), "min": min(r), "max": max(r)}
             for name, r in rates.items()}
 
 
-def named(variant: bench.Variant, name: str) -> bench.Variant:
+def named(variant: Variant, name: str) -> Variant:
     return dataclasses.replace(variant, name=name)
 
 
@@ -131,9 +138,9 @@ def profile_step(options: dict, steps: int) -> dict:
 
     key = jax.random.key(0)
     x, y = batch_of(W1, 128)
-    params = bench.raw_init(key, W1)
+    params = raw_init(key, W1)
     optimizer = optax.adam(1e-3)
-    step = jax.jit(lambda p, o, x, y: bench._raw_update(optimizer, bench.raw_apply, p, o, x, y),
+    step = jax.jit(lambda p, o, x, y: raw_update(optimizer, raw_apply, p, o, x, y),
                    donate_argnums=(0, 1), compiler_options=options)
     state = (params, optimizer.init(params))
     hlo = step.lower(*state, x, y).compile().as_text()
@@ -214,10 +221,10 @@ def part_ops(quick: bool, log, peak: float) -> list[dict]:
             fn = jax.jit(f, compiler_options=options)
             kernels[label] = ("YNNPACK" if "__ynn_fusion" in fn.lower(*args).compile().as_text()
                               else "Eigen")
-            variants.append(bench.loop_variant(label, lambda _, fn=fn: fn(*args), None))
+            variants.append(loop_variant(label, lambda _, fn=fn: fn(*args), None))
         # the same call with no work: what dispatch alone costs for two arguments
         empty = jax.jit(lambda a, b: a[0, 0] + b[0, 0])
-        variants.append(bench.loop_variant("dispatch only", lambda _: empty(*args), None))
+        variants.append(loop_variant("dispatch only", lambda _: empty(*args), None))
         result = medians(variants, calls, rounds)
         # the fastest round: the least disturbed by other processes on the machine
         dispatch_us = 1e6 / result.pop("dispatch only")["max"]
@@ -243,22 +250,22 @@ def part_options(quick: bool, log) -> list[dict]:
             rows.append({"workload": workload, "options": label, "unit": unit, **r})
 
     a = jax.random.normal(key, (2048, 2048))
-    dots = [bench.loop_variant(label, lambda _, d=jax.jit(jnp.dot, compiler_options=o): d(a, a), None)
+    dots = [loop_variant(label, lambda _, d=jax.jit(jnp.dot, compiler_options=o): d(a, a), None)
             for label, o in OPTIONS.items()]
     add("jnp.dot 2048x2048", dots, 3, "calls/s")
     for sizes, batch, steps in ((W1, 128, 20), (W2, 32, 200 if quick else 400)):
         x, y = batch_of(sizes, batch)
-        add(f"{bench._workload_name(sizes, batch)} raw step (donated)",
-            [named(bench.raw_variant(bench.raw_apply, bench.raw_init(key, sizes), x, y,
+        add(f"{workload_name(sizes, batch)} raw step (donated)",
+            [named(raw_variant(raw_apply, raw_init(key, sizes), x, y,
                                      compiler_options=o), label) for label, o in OPTIONS.items()],
             steps, "steps/s")
     x, y = batch_of(W2, 32)
     add("W2 MLP 64-32-10 b32 raw lax.scan over 200 steps",
-        [named(bench.raw_scan_variant(bench.raw_apply, bench.raw_init(key, W2), x, y, 200, o), label)
+        [named(raw_scan_variant(raw_apply, raw_init(key, W2), x, y, 200, o), label)
          for label, o in OPTIONS.items()], 400, "steps/s")
     x = jax.random.normal(key, (8192, 784))
-    params = bench.raw_init(key, W1)
-    forwards = [bench.loop_variant(label, lambda _, f=jax.jit(bench.raw_apply, compiler_options=o):
+    params = raw_init(key, W1)
+    forwards = [loop_variant(label, lambda _, f=jax.jit(raw_apply, compiler_options=o):
                                    f(params, x), None) for label, o in OPTIONS.items()]
     add("W3 forward W1 MLP n8192", forwards, 2, "calls/s")
     return rows
@@ -281,24 +288,24 @@ def part_shapes(quick: bool, log) -> list[dict]:
     variants = []
     for batch in (32, 64, 128, 256, 512, 1024):
         x, y = batch_of(W1, batch)
-        v = bench.raw_variant(bench.raw_apply, bench.raw_init(key, W1), x, y)
+        v = raw_variant(raw_apply, raw_init(key, W1), x, y)
         # run(k) does k // batch steps: measure() then counts samples per second
-        variants.append(bench.Variant(f"batch {batch}", lambda k, v=v, b=batch: v.run(k // b),
+        variants.append(Variant(f"batch {batch}", lambda k, v=v, b=batch: v.run(k // b),
                                       v.compile_seconds))
     for label, r in medians(variants, 6400 if quick else 12800, rounds).items():
         rows.append({"workload": "W1 raw step", "variant": label, "unit": "samples/s", **r})
     log("shapes: W1 step and W3 forward with weights (in, out) and (out, in)")
     x, y = batch_of(W1, 128)
-    transposed = [(w.T, b) for w, b in bench.raw_init(key, W1)]
-    steps = [bench.raw_variant(bench.raw_apply, bench.raw_init(key, W1), x, y),
-             named(bench.raw_variant(raw_apply_out_in, transposed, x, y), "raw-jax step, w (out, in)")]
+    transposed = [(w.T, b) for w, b in raw_init(key, W1)]
+    steps = [raw_variant(raw_apply, raw_init(key, W1), x, y),
+             named(raw_variant(raw_apply_out_in, transposed, x, y), "raw-jax step, w (out, in)")]
     for label, r in medians(steps, 20, rounds).items():
         rows.append({"workload": "W1 MLP b128", "variant": label, "unit": "steps/s", **r})
     x = jax.random.normal(key, (8192, 784))
-    params, params_t = bench.raw_init(key, W1), [(w.T, b) for w, b in bench.raw_init(key, W1)]
-    f, f_t = jax.jit(bench.raw_apply), jax.jit(raw_apply_out_in)
-    forwards = [bench.loop_variant("forward, w (in, out)", lambda _: f(params, x), None),
-                bench.loop_variant("forward, w (out, in)", lambda _: f_t(params_t, x), None)]
+    params, params_t = raw_init(key, W1), [(w.T, b) for w, b in raw_init(key, W1)]
+    f, f_t = jax.jit(raw_apply), jax.jit(raw_apply_out_in)
+    forwards = [loop_variant("forward, w (in, out)", lambda _: f(params, x), None),
+                loop_variant("forward, w (out, in)", lambda _: f_t(params_t, x), None)]
     for label, r in medians(forwards, 2, rounds).items():
         rows.append({"workload": "W3 forward n8192", "variant": label, "unit": "calls/s", **r})
     return rows
@@ -340,14 +347,14 @@ def wait_for_quiet(limit: float, log, threshold: float = 0.85) -> None:
 def child(quick: bool) -> None:
     """Measures a few workloads in this process and prints them as one JSON line."""
     key, rounds, out = jax.random.key(0), 3 if quick else 5, {}
-    out["jnp.dot 2048 GFLOP/s"] = bench.matmul_rate(repeats=5) / 1e9
+    out["jnp.dot 2048 GFLOP/s"] = matmul_rate(repeats=5) / 1e9
     x, y = batch_of(W2, 32)
-    w2 = [bench.raw_variant(bench.raw_apply, bench.raw_init(key, W2), x, y),
-          bench.raw_scan_variant(bench.raw_apply, bench.raw_init(key, W2), x, y, 200)]
+    w2 = [raw_variant(raw_apply, raw_init(key, W2), x, y),
+          raw_scan_variant(raw_apply, raw_init(key, W2), x, y, 200)]
     for name, r in medians(w2, 1000, rounds).items():
         out[f"W2 {name} steps/s"] = r["median"]
     x, y = batch_of(W1, 128)
-    w1 = [bench.raw_variant(bench.raw_apply, bench.raw_init(key, W1), x, y)]
+    w1 = [raw_variant(raw_apply, raw_init(key, W1), x, y)]
     out["W1 raw-jax step (donated) steps/s"] = medians(w1, 20 if quick else 50, rounds)[w1[0].name]["median"]
     print(json.dumps(out))
 
@@ -421,6 +428,7 @@ def main() -> None:
                              "the machine to be 85%% idle: for a machine shared with others")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    jaxnet.keep_freed_host_memory()  # as run.py does; each child process applies it too
     if "AFFINITY" in os.environ:
         os.sched_setaffinity(0, {int(c) for c in os.environ["AFFINITY"].split(",")})
     if args.child:
@@ -428,7 +436,7 @@ def main() -> None:
     log = lambda line: print(line, flush=True)
     results = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
                "load_average_before": [round(v, 2) for v in os.getloadavg()],
-               "matmul_gflops": bench.matmul_rate() / 1e9}
+               "matmul_gflops": matmul_rate() / 1e9}
     peak = results["matmul_gflops"] * 1e9
     for part in args.part:
         wait_for_quiet(args.wait_quiet, log)
@@ -437,7 +445,7 @@ def main() -> None:
                          else globals()[f"part_{part}"](args.quick, log))
     results["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     out = pathlib.Path(__file__).parent / "results"
-    bench.write_json(results, out / f"{args.name}.json")
+    write_json(results, out / f"{args.name}.json")
     (out / f"{args.name}.md").write_text(markdown(results) + "\n")
     print(markdown(results))
 

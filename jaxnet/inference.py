@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet._xla import options as xla_options
-from jaxnet.nn.layer import Layer, Params, State, infer_example_ndim, shape_str
+from jaxnet.nn.layer import Layer, Params, State, shape_str
+from jaxnet.nn.shapes import infer_example_ndim
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy
 from jaxnet.tensorfile import current_umask, fsync_directory
 

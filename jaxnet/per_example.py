@@ -18,7 +18,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxnet.nn.layer import Layer, Params, State, _check_key, infer_example_ndim, shape_str
+from jaxnet.nn.layer import Layer, Params, State, check_key, shape_str
+from jaxnet.nn.shapes import infer_example_ndim
 from jaxnet.losses import softmax_cross_entropy
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
@@ -234,7 +235,7 @@ def dp_aggregate(grads: Params, *, max_norm: float, noise_multiplier: float,
     _check_positive("dp_aggregate", "noise_multiplier", noise_multiplier, allow_zero=True)
     _check_positive("dp_aggregate", "max_norm", max_norm)
     _examples("dp_aggregate", grads)
-    return _dp_aggregate(grads, max_norm, noise_multiplier, _check_key(key))
+    return _dp_aggregate(grads, max_norm, noise_multiplier, check_key(key))
 
 
 @_jit_when_eager()

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from jaxnet._xla import options as xla_options
-from jaxnet.nn.layer import Layer, call_layer
+from jaxnet.nn.layer import Layer, apply_child, init_child
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.progress import make_progress
 from jaxnet.train.fit import (LossFn, Sums, TrainState, _batch_indices, _check_data, _padded_batches,
@@ -361,13 +361,13 @@ class Ensemble(Layer):
     def children(self):
         return (("", self.net),)
 
-    def _init(self, key, x, path):
+    def init_params(self, key, x):
         keys = jax.random.split(key, self.members)
-        return jax.vmap(lambda k: self.net._init(k, x, path))(keys)
+        return jax.vmap(lambda k: init_child(self.net, "", k, x)[:2])(keys)
 
-    def _apply(self, params, state, x, ctx):
-        keys = jax.random.split(ctx.key, self.members) if ctx.train and ctx.key is not None else None
+    def forward(self, params, state, x, *, train, key):
+        keys = jax.random.split(key, self.members) if train and key is not None else None
         logits, new_state = jax.vmap(
-            lambda p, s, k: call_layer(self.net, p, s, x, ctx._replace(key=k)))(params, state, keys)
+            lambda p, s, k: apply_child(self.net, "", p, s, x, train=train, key=k))(params, state, keys)
         log_mean = jax.nn.logsumexp(jax.nn.log_softmax(logits, axis=-1), axis=0)
         return log_mean - math.log(self.members), new_state

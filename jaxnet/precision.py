@@ -31,7 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnet.nn.layer import Layer, Params, State, _leaves_by_path
+from jaxnet.nn.layer import Layer, Params, State
+from jaxnet.trees import leaves_by_name
 
 DTypeLike = Any
 
@@ -129,7 +130,7 @@ def check_params(policy: Policy | None, params: Params, where: str) -> None:
     """Raises ``TypeError`` unless every floating parameter is in ``policy.param_dtype``."""
     if policy is None:
         return
-    for name, leaf in _leaves_by_path(params).items():
+    for name, leaf in leaves_by_name(params).items():
         dtype = getattr(leaf, "dtype", None)
         if (dtype is not None and jnp.issubdtype(dtype, jnp.floating)
                 and jnp.dtype(dtype) != policy.param_dtype):

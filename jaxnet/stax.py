@@ -43,7 +43,9 @@ from jax.nn import (elu, gelu, leaky_relu, log_softmax, relu, selu, sigmoid, sof
 from jax.nn.initializers import glorot_normal, normal, ones, zeros
 
 from jaxnet.nn.combinators import as_layer
-from jaxnet.nn.layer import Context, Layer, ShapeError, call_layer, shape_str
+from jaxnet.nn.layer import Layer, ShapeError, apply_child, shape_str
+from jaxnet.nn.shapes import expected_trees
+from jaxnet.trees import compare_trees
 
 __all__ = [
     "AvgPool", "BatchNorm", "Conv", "Conv1DTranspose", "ConvTranspose", "Dense", "Dropout", "Elu", "Exp",
@@ -517,33 +519,17 @@ def shape_dependent(make_layer):
 
 def _run(layer: Layer, params, inputs, *, train: bool, key):
     """``layer`` on ``(batch, *example)`` inputs, read with exactly one batch axis as stax does."""
-    return call_layer(layer, params, {}, inputs, Context(layer._top_path(), train=train, key=key))[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _expected_params(layer: Layer, example_shape: tuple[int, ...], dtype) -> dict:
-    spec = jax.ShapeDtypeStruct((1,) + example_shape, dtype)
-    tree = jax.eval_shape(lambda k: layer.init(k, spec), jax.random.key(0))
-    return _shapes_by_path(tree)
-
-
-def _shapes_by_path(tree) -> dict:
-    return {jax.tree_util.keystr(path): tuple(jnp.shape(leaf))
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return apply_child(layer, layer._top_path(), params, {}, inputs, train=train, key=key)[0]
 
 
 def _check_params(layer: Layer, params, inputs) -> None:
     if inputs.ndim < 1:
         raise ShapeError(f"to_stax({layer!r}): expected inputs with a leading batch axis; got a scalar")
-    expected = _expected_params(layer, tuple(inputs.shape[1:]), inputs.dtype)
-    actual = _shapes_by_path(params)
-    if actual != expected:
-        problems = ([f"missing {k}" for k in expected if k not in actual]
-                    + [f"unexpected {k}" for k in actual if k not in expected]
-                    + [f"{k} has shape {shape_str(actual[k])}, expected {shape_str(v)}"
-                       for k, v in expected.items() if k in actual and actual[k] != v])
+    expected, _ = expected_trees(layer, (1,) + tuple(inputs.shape[1:]), inputs.dtype)
+    differences = compare_trees(expected, params, dtypes=False)
+    if differences:
         raise ShapeError(f"to_stax({layer!r}): params do not fit inputs of shape {shape_str(inputs.shape)}: "
-                         + "; ".join(problems))
+                         + differences.describe())
 
 
 def to_stax(layer, *, input_dtype=jnp.float32):
@@ -623,25 +609,24 @@ class FromStax(Layer):
         maker = getattr(self.init_fun, "__qualname__", type(self.init_fun).__name__).split(".")[0]
         return f"from_stax(<{maker}>" + (f", name={self.name!r})" if self.name != "stax" else ")")
 
-    def _init(self, key, x, path):
+    def init_params(self, key, x):
         try:
             _, params = self.init_fun(key, x.shape)
         except Exception as error:  # stax reports bad shapes with IndexError, TypeError, ...
-            raise ShapeError(f"{path}: the stax init_fun rejects inputs of shape {shape_str(x.shape)}: "
+            raise ShapeError(f"the stax init_fun rejects inputs of shape {shape_str(x.shape)}: "
                              f"{type(error).__name__}: {error}") from error
         return params, {}
 
-    def _apply(self, params, state, x, ctx):
+    def forward(self, params, state, x, *, train, key):
         if isinstance(params, dict) and not params:
             params = ()  # parameterless: a parent left this layer out of its params tree
-        rng = ctx.key if ctx.train else None
-        return self.apply_fun(params, x, rng=rng, train=ctx.train), state
+        return self.apply_fun(params, x, rng=key if train else None, train=train), state
 
-    def _flops(self, x_shape, y_shape, params):
+    def flops(self, x_shape, y_shape, params):
         """XLA's count for the stax apply_fun, which does not describe its own cost (float32 inputs)."""
         specs = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), p.dtype), params)
         x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
-        cost = jax.jit(lambda p, v: self._apply(p, {}, v, Context(""))[0]).lower(specs, x).cost_analysis()
+        cost = jax.jit(lambda p, v: self.forward(p, {}, v, train=False, key=None)[0]).lower(specs, x).cost_analysis()
         return int(cost.get("flops", 0) + cost.get("transcendentals", 0)) if cost else 0
 
 

@@ -11,40 +11,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
 import safetensors.numpy
 
-
-def _key_name(entry) -> str:
-    """One step of a ``jax.tree_util`` key path as text: a dict key, attribute name or index."""
-    match entry:
-        case jax.tree_util.DictKey(key=name) | jax.tree_util.FlattenedIndexKey(key=name):
-            return str(name)
-        case jax.tree_util.GetAttrKey(name=name):
-            return name
-        case jax.tree_util.SequenceKey(idx=index):
-            return str(index)
-    raise TypeError(f"unsupported pytree key {entry!r}")
-
-
-def named_leaves(tree) -> list[tuple[str, object]]:
-    """The leaves of ``tree`` in flattening order, each with a readable dotted name.
-
-    Dict keys, NamedTuple fields and sequence indices are joined with ``.``: a ``TrainState``
-    gives ``params.dense_1.w``, ``opt_state.0.mu.dense_1.w``, ``step``, ``key``.
-
-    Raises:
-      ValueError: two leaves get the same name (a dict key containing ``.``).
-    """
-    named = [(".".join(map(_key_name, path)), leaf)
-             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    names = [name for name, _ in named]
-    if len(set(names)) != len(names):
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"tree leaves {duplicates} have the same dotted name; rename dict keys "
-                         "that contain '.'")
-    return named
+from jaxnet.trees import named_leaves
 
 
 def flatten_tree(tree) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """benchmarks/accelerator.py runs end to end at tiny sizes (structure only; no timings judged)."""
 
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -37,3 +38,17 @@ def test_a_tiny_run_reports_every_entry_against_the_matmul_rate(accelerator):
         assert e["fraction_of_matmul"] > 0 and e["compile_seconds"] > 0
     text = accelerator.markdown(results, "python benchmarks/accelerator.py --test")
     assert "| 16 | 8 |" in text and "no GPU was available" in text
+
+
+def test_main_opts_in_to_the_host_allocator_setting_and_writes_results(accelerator, monkeypatch,
+                                                                         tmp_path):
+    calls = []
+    monkeypatch.setattr(accelerator, "keep_freed_host_memory", lambda: calls.append("allocator"))
+    monkeypatch.setattr(accelerator, "parse_settings", lambda: calls.append("settings"))
+    monkeypatch.setattr(accelerator, "run", lambda settings: {"device": {"platform": "cpu"}})
+    monkeypatch.setattr(accelerator, "markdown", lambda results, command: "table\n")
+    monkeypatch.setattr(accelerator, "RESULTS", tmp_path / "results")
+    accelerator.main()
+    assert calls == ["allocator", "settings"]  # before anything touches the device
+    assert (tmp_path / "results" / "accelerator-cpu.md").read_text() == "table\n"
+    assert "command" in json.loads((tmp_path / "results" / "accelerator-cpu.json").read_text())

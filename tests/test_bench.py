@@ -1,15 +1,20 @@
-"""The benchmark harness on tiny networks: every entry's fields, the compile entry, peer variants
-(each skipped when its package is missing), and the notes for skipped peers. No timings are
-asserted."""
+"""The benchmarks on tiny networks: every entry's fields, the compile entry, peer variants
+(each skipped when its package is missing), the notes for skipped peers, and the layout of
+``benchmarks/`` (no import cycle; nothing in ``jaxnet/`` imports it). No timings are asserted."""
 
+import ast
 import json
 import math
+import pathlib
+import subprocess
 import sys
 
 import jax
 import pytest
 
-from benchmarks import harness as bench, peers as bench_peers
+from benchmarks import harness, peers, population, run, workloads
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 SIZES = (8, 4, 4, 3)  # one hidden width, as Equinox's MLP needs
 FIELDS = {"workload", "variant", "unit", "median", "min", "max", "ratio", "gflops",
@@ -25,13 +30,13 @@ def jax_defaults():
 
 
 def test_train_entries_have_every_field_and_ratios_to_the_donated_reference():
-    variants = bench.train_variants(SIZES, 4, 2)
+    variants = workloads.train_variants(SIZES, 4, 2)
     names = [v.name for v in variants]
     assert names == ["raw-jax step (donated)", "raw-jax step (no donation)",
                      "raw-jax lax.scan over 2 steps", "jaxnet train step", "jaxnet fit (device loop)"]
-    rates = bench.measure(variants, 2, rounds=2)
+    rates = harness.measure(variants, 2, rounds=2)
     peak = 1e9
-    entries = bench.summarise("tiny", variants, rates, "steps/s", 100.0, peak)
+    entries = harness.summarise("tiny", variants, rates, "steps/s", 100.0, peak)
     assert [e["variant"] for e in entries] == names
     for entry in entries:
         assert set(entry) == FIELDS
@@ -46,10 +51,10 @@ def test_train_entries_have_every_field_and_ratios_to_the_donated_reference():
 
 def test_compile_entry_takes_the_median_of_fresh_compilations():
     def variants(*seconds):
-        return [bench.Variant(name, lambda k: None, t) for name, t in zip(("raw", "other"), seconds)]
+        return [harness.Variant(name, lambda k: None, t) for name, t in zip(("raw", "other"), seconds)]
 
     first, again = variants(0.5, 2.0), iter([variants(0.25, 4.0), variants(1.0, 3.0)])
-    entries = bench.compile_entries("tiny", first, lambda: next(again), repeats=3)
+    entries = harness.compile_entries("tiny", first, lambda: next(again), repeats=3)
     assert next(again, None) is None  # rebuilt twice
     for entry in entries:
         assert set(entry) == FIELDS
@@ -60,7 +65,7 @@ def test_compile_entry_takes_the_median_of_fresh_compilations():
         ("raw", 0.25, 0.5, 1.0, 1.0), ("other", 2.0, 3.0, 4.0, 6.0)]
 
 
-@pytest.mark.parametrize("peer", bench_peers.PEERS, ids=[p[0] for p in bench_peers.PEERS])
+@pytest.mark.parametrize("peer", peers.PEERS, ids=[p[0] for p in peers.PEERS])
 def test_peer_variants_run_when_installed(peer, key):
     name, module, train, forward = peer
     pytest.importorskip(module)
@@ -71,17 +76,24 @@ def test_peer_variants_run_when_installed(peer, key):
         variant.run(2)
 
 
+def test_torch_cnn_variant_runs_when_pytorch_is_installed():
+    pytest.importorskip("torch")
+    (variant,) = peers.torch_cnn_variants(2)
+    assert variant.name.startswith("pytorch") and variant.compile_seconds > 0
+    variant.run(1)
+
+
 def test_a_missing_peer_is_skipped_with_a_note(monkeypatch, key):
     monkeypatch.setitem(sys.modules, "haiku", None)  # makes `import haiku` fail
     skipped = []
     x = jax.random.normal(key, (4, SIZES[0]))
-    variants = bench_peers.peer_inference_variants("tiny", SIZES, x, skipped)
+    variants = peers.peer_inference_variants("tiny", SIZES, x, skipped)
     assert not any(v.name.startswith("haiku") for v in variants)
     assert [(s["workload"], s["variant"]) for s in skipped if s["variant"] == "haiku"] == [
         ("tiny", "haiku")]
     note = next(s for s in skipped if s["variant"] == "haiku")
     assert "haiku not installed" in note["reason"] and "[peers]" in note["reason"]
-    table = bench.format_table({"matmul_gflops": 1.0, "entries": [], "skipped": skipped})
+    table = harness.format_table({"matmul_gflops": 1.0, "entries": [], "skipped": skipped})
     assert "- skipped haiku on tiny: haiku not installed" in table
 
 
@@ -89,45 +101,112 @@ def test_format_table_leaves_flops_blank_for_compile_entries():
     entry = {"workload": "Compile tiny", "variant": "raw", "unit": "s to first step",
              "median": 0.5, "min": 0.25, "max": 0.75, "ratio": 1.0, "gflops": None,
              "fraction_of_matmul": None, "compile_seconds": 0.5, "lower_is_better": True}
-    table = bench.format_table({"matmul_gflops": 1.0, "entries": [entry]})
+    table = harness.format_table({"matmul_gflops": 1.0, "entries": [entry]})
     assert "| Compile tiny | raw | 0.50 | 0.25 | 0.75 | s to first step | 1.00 |  |  | 0.50 |" in table
 
 
 def test_equinox_peer_needs_one_hidden_width():
     pytest.importorskip("equinox")
     with pytest.raises(ValueError, match=r"one hidden width h; got \(8, 4, 5, 3\)"):
-        bench_peers.equinox_train((8, 4, 5, 3), None, None)
+        peers.equinox_train((8, 4, 5, 3), None, None)
 
 
 def test_w4_variants_train_every_member_and_measure():
-    from benchmarks.harness import measure
-    from benchmarks.population import flops_per_unit, population_variants
-
-    variants = population_variants(members=2, steps=4)
+    variants = population.population_variants(members=2, steps=4)
     assert [v.name for v in variants] == [
         "raw-jax step loop, 2 one after another", "raw-jax vmap of the step, step loop",
         "jaxnet train step loop, 2 one after another",
         "jaxnet fit (device loop), 2 one after another",
         "jaxnet population, shared data order", "jaxnet population, own data order"]
-    rates = measure(variants, 4, 1)
+    rates = harness.measure(variants, 4, 1)
     assert all(len(r) == 1 and r[0] > 0 for r in rates.values())
-    assert flops_per_unit(2) == 6 * 32 * 2 * (64 * 32 + 32 * 10)
+    assert population.flops_per_unit(2) == 6 * 32 * 2 * (64 * 32 + 32 * 10)
 
 
-def test_cli_bench_prints_skip_notes_verbatim_and_writes_json(monkeypatch, tmp_path, capsys):
-    from jaxnet.app.cli import main
-
+def test_run_prints_skip_notes_verbatim_and_writes_json_and_markdown(monkeypatch, tmp_path,
+                                                                      capsys):
     entry = {"workload": "W2 tiny", "variant": "raw", "unit": "steps/s", "median": 2.0, "min": 1.0,
              "max": 3.0, "ratio": 1.0, "gflops": 0.5, "fraction_of_matmul": 0.25,
              "compile_seconds": 0.1, "lower_is_better": False}
-    note = {"workload": "W2 tiny", "variant": "haiku",  # long enough to be wrapped at 80 columns
+    note = {"workload": "W2 tiny", "variant": "haiku",  # longer than 80 columns: never wrapped
             "reason": f"haiku not installed or not importable (No module named 'haiku'); "
-                      f"{bench_peers.INSTALL_HINT}"}
-    results = {"matmul_gflops": 2.0, "entries": [entry], "skipped": [note], "settings": {}}
-    monkeypatch.setattr(bench, "run_benchmarks", lambda quick, log: results)
-    assert main(["bench", "--quick", "--json", str(tmp_path / "b.json")]) == 0
+                      f"{peers.INSTALL_HINT}"}
+    results = {"matmul_gflops": 2.0, "entries": [entry], "skipped": [note],
+               "settings": {"jax": jax.__version__}}
+    applied = []
+    monkeypatch.setattr(run.jaxnet, "keep_freed_host_memory", lambda: applied.append(True))
+    monkeypatch.setattr(run, "run_benchmarks", lambda quick: results if quick else None)
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    run.main(["--quick", "--name", "b"])
+    assert applied == [True]  # the benchmarks opt in to the host allocator setting
     out = capsys.readouterr().out
     assert ("- skipped haiku on W2 tiny: haiku not installed or not importable (No module named "
             "'haiku'); pip install -e '.[peers]'\n") in out
-    assert "| W2 tiny | raw | 2 | 1 | 3 | steps/s | 1.00 | 0.5 | 25% | 0.10 |" in out
-    assert json.loads((tmp_path / "b.json").read_text()) == results
+    row = "| W2 tiny | raw | 2 | 1 | 3 | steps/s | 1.00 | 0.5 | 25% | 0.10 |"
+    assert row in out
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert written == results and set(written["machine"]) == {"platform", "cpus", "date"}
+    markdown = (tmp_path / "b.md").read_text()
+    assert markdown.startswith("`python benchmarks/run.py --quick` on ") and row in markdown
+
+
+def _benchmark_imports(path: pathlib.Path) -> set[str]:
+    """The ``benchmarks`` modules that ``path`` imports, at its top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {name.split(".")[1] for name in names
+                  if name.startswith("benchmarks.") and name.count(".") == 1}
+    return found
+
+
+BENCHMARK_MODULES = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
+                           if p.stem != "__init__")
+
+
+def test_benchmark_modules_import_each_other_without_a_cycle():
+    graph = {name: _benchmark_imports(ROOT / "benchmarks" / f"{name}.py") & set(BENCHMARK_MODULES)
+             for name in BENCHMARK_MODULES}
+    assert graph["harness"] == set()
+    assert graph["workloads"] == {"harness"}
+    assert graph["peers"] == {"harness"}
+    assert graph["population"] == {"harness", "workloads"}
+    assert graph["run"] == {"harness", "workloads", "peers", "population"}
+    assert graph["accelerator"] == {"harness"}
+    assert graph["xla_cpu"] == {"harness", "workloads"}
+    done, visiting = set(), []
+
+    def visit(name):  # depth first; a module met again on the current path closes a cycle
+        assert name not in visiting, f"import cycle: {' -> '.join(visiting + [name])}"
+        if name not in done:
+            visiting.append(name)
+            for other in sorted(graph[name]):
+                visit(other)
+            visiting.pop()
+            done.add(name)
+
+    for name in BENCHMARK_MODULES:
+        visit(name)
+
+
+@pytest.mark.parametrize("module", BENCHMARK_MODULES)
+def test_each_benchmark_module_imports_alone_in_a_fresh_process(module):
+    result = subprocess.run([sys.executable, "-c", f"import benchmarks.{module}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_package_never_imports_the_benchmarks():
+    offenders = [f"{path.relative_to(ROOT)}: {name}"
+                 for path in sorted((ROOT / "jaxnet").rglob("*.py"))
+                 for node in ast.walk(ast.parse(path.read_text(), str(path)))
+                 for name in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                              else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                              and node.level == 0 else [])
+                 if name == "benchmarks" or name.startswith("benchmarks.")]
+    assert offenders == []

@@ -456,8 +456,8 @@ def test_tiling_pools_equal_reduce_window(rng, kind, values, window, spatial, pa
     shape = (2, *spatial, 3)
     x = jnp.asarray(rng.normal(size=shape) if values == "normal" else rng.integers(-2, 3, shape),
                     jnp.float32)
-    assert pool._blocks(x, jn.Context("", train=True)) is not None
-    assert pool._blocks(x, jn.Context("")) is None  # evaluation mode keeps reduce_window
+    assert pool._blocks(x, True) is not None
+    assert pool._blocks(x, False) is None  # evaluation mode keeps reduce_window
 
     def reference(x):
         dims = (1,) + window + (1,)
@@ -481,7 +481,7 @@ def test_tiling_pools_equal_reduce_window(rng, kind, values, window, spatial, pa
                                   jn.AvgPool((3, 3), strides=2)])
 def test_overlapping_or_padded_pools_keep_reduce_window(pool, rng):
     assert pool._blocks(jnp.asarray(rng.normal(size=(1, 6, 6, 2)), jnp.float32),
-                        jn.Context("", train=True)) is None
+                        True) is None
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -219,7 +219,7 @@ def test_init_with_a_bad_key(key_value, message):
     ((1, -4), jn.ShapeError, "input shape (1, -4) has a negative size"),
     ([1, 4], TypeError, "expected an array, a jax.ShapeDtypeStruct or a shape tuple; got list"),
     ("x", TypeError, "got str"),
-    ((1,), jn.ShapeError, "dense_1: expected examples with a feature axis (..., in_features); got examples of shape ()"),
+    ((1,), jn.ShapeError, "dense_1: expected examples with a feature axis (..., features); got examples of shape ()"),
     (jnp.ones((1, 4), jnp.int32), TypeError, "dense_1: expected a floating-point input, got int32 of shape (1, 4)"),
 ])
 def test_init_errors(x, error, message, key):

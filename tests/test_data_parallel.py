@@ -224,7 +224,7 @@ def test_cli_batch_size_error_on_eight_devices(tmp_path):
                           env=CHILD_ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
-    assert done.stderr == ("jaxnet: error: batch-size 30 does not split evenly over 8 devices; "
+    assert done.stderr == ("jaxnet: error: --batch-size 30 does not split evenly over 8 devices; "
                            "use a multiple of 8, e.g. 24 or 32\n")
 
 

@@ -279,7 +279,7 @@ def test_to_stax_errors(key, rng):
     with pytest.raises(ShapeError, match=r"only the batch size allowed to be -1; got \(2, -1\)"):
         init_fun(key, (2, -1))
     _, params = init_fun(key, (-1, 5))
-    with pytest.raises(ShapeError, match=r"params do not fit inputs of shape \(2, 4\): \['w'\] has shape "
+    with pytest.raises(ShapeError, match=r"params do not fit inputs of shape \(2, 4\): w has shape "
                                          r"\(5, 4\), expected \(4, 4\)"):
         apply_fun(params, random_inputs(rng, (2, 4)))
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import jax
 
-from jaxnet.nn.layer import Layer, ShapeError, shape_str
+from jaxnet.nn.layer import Layer, require_feature_axis
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -43,16 +43,14 @@ class Activation(Layer):
     def __repr__(self) -> str:
         return self.kind
 
-    def _init(self, key, x, path):
+    def init_params(self, key, x):
         # Requiring a feature axis keeps the example rank inferred for a network without params
         # above 0: otherwise softmax.apply({}, x) would see a (batch, classes) x flattened into
         # one axis and normalise over the whole batch.
-        if x.ndim < 2:
-            raise ShapeError(f"{path}: expected examples with a feature axis (..., features); "
-                             f"got examples of shape {shape_str(x.shape[1:])}")
+        require_feature_axis(x)
         return {}, {}
 
-    def _apply(self, params, state, x, ctx):
+    def forward(self, params, state, x, *, train, key):
         return self.fn(x), state
 
 

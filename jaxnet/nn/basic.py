@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet._xla import dense_ops as _dense_ops
-from jaxnet.nn.layer import (Layer, broadcast_trailing, ShapeError, param_dtype, require_floating, shape_str)
+from jaxnet._xla import dense_ops
+from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, param_dtype, require_feature_axis,
+                             require_floating, require_key, shape_str, trace_options)
 from jaxnet.nn.initializers import check_weight_init, init_weight_and_bias
 
 
@@ -45,22 +46,20 @@ class Dense(Layer):
         check_positive("Dense", "features", self.features)
         check_weight_init("Dense", self.weight_init)
 
-    def _init(self, key, x, path):
-        require_floating(x, path)
-        if x.ndim < 2:
-            raise ShapeError(f"{path}: expected examples with a feature axis (..., in_features); "
-                             f"got examples of shape {shape_str(x.shape[1:])}")
+    def init_params(self, key, x):
+        require_floating(x)
+        require_feature_axis(x)
         return init_weight_and_bias(key, self.weight_init, (x.shape[-1], self.features),
                                     x.shape[-1], self.use_bias, x.dtype), {}
 
-    def _apply(self, params, state, x, ctx):
+    def forward(self, params, state, x, *, train, key):
         # a weight gradient that XLA:CPU runs fast, when the caller needs no forward mode
-        y = _dense_ops.matmul(x, params["w"]) if ctx.reverse_only else x @ params["w"]
+        y = dense_ops.matmul(x, params["w"]) if trace_options().reverse_only else x @ params["w"]
         if self.use_bias:
             y = y + broadcast_trailing(params["b"], y)
         return y, state
 
-    def _flops(self, x_shape, y_shape, params):
+    def flops(self, x_shape, y_shape, params):
         return 2 * math.prod(x_shape) * self.features + (math.prod(y_shape) if self.use_bias else 0)
 
 
@@ -86,19 +85,19 @@ class Embedding(Layer):
         check_positive("Embedding", "num_embeddings", self.num_embeddings)
         check_positive("Embedding", "features", self.features)
 
-    def _init(self, key, x, path):
+    def init_params(self, key, x):
         if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise TypeError(f"{path}: expected integer ids, got {x.dtype} of shape {shape_str(x.shape)}")
+            raise TypeError(f"expected integer ids, got {x.dtype} of shape {shape_str(x.shape)}")
         table = jax.random.normal(key, (self.num_embeddings, self.features), param_dtype(x))
         return {"table": table}, {}
 
-    def _apply(self, params, state, x, ctx):
+    def forward(self, params, state, x, *, train, key):
         # jnp.take wraps negative ids (-1 is the last row) even with mode="fill"; an id is valid
         # only in 0 .. num_embeddings - 1, so negatives must fill with NaN like the others.
         table = jnp.asarray(params["table"])
         return table.at[x].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False), state
 
-    def _flops(self, x_shape, y_shape, params):
+    def flops(self, x_shape, y_shape, params):
         return 0
 
 
@@ -108,10 +107,10 @@ class Flatten(Layer):
 
     kind: ClassVar[str] = "flatten"
 
-    def _apply(self, params, state, x, ctx):
+    def forward(self, params, state, x, *, train, key):
         return x.reshape(x.shape[0], -1), state
 
-    def _flops(self, x_shape, y_shape, params):
+    def flops(self, x_shape, y_shape, params):
         return 0
 
 
@@ -135,22 +134,22 @@ class Reshape(Layer):
                 or self.shape.count(-1) > 1):
             raise ValueError(f"Reshape: shape must hold positive sizes and at most one -1, got {self.shape}")
 
-    def _target(self, example_shape, path):
+    def _target(self, example_shape):
         size, known = math.prod(example_shape), math.prod(d for d in self.shape if d != -1)
         target = tuple(size // known if d == -1 else d for d in self.shape)
         if math.prod(target) != size:
-            raise ShapeError(f"{path}: cannot reshape examples of shape {shape_str(example_shape)} "
+            raise ShapeError(f"cannot reshape examples of shape {shape_str(example_shape)} "
                              f"({size} values) to {shape_str(self.shape)}")
         return target
 
-    def _init(self, key, x, path):
-        self._target(x.shape[1:], path)
+    def init_params(self, key, x):
+        self._target(x.shape[1:])
         return {}, {}
 
-    def _apply(self, params, state, x, ctx):
-        return x.reshape((x.shape[0],) + self._target(x.shape[1:], ctx.path)), state
+    def forward(self, params, state, x, *, train, key):
+        return x.reshape((x.shape[0],) + self._target(x.shape[1:])), state
 
-    def _flops(self, x_shape, y_shape, params):
+    def flops(self, x_shape, y_shape, params):
         return 0
 
 
@@ -176,13 +175,12 @@ class Dropout(Layer):
     def needs_key(self):
         return self.drop_rate > 0
 
-    def _apply(self, params, state, x, ctx):
-        if not ctx.train or self.drop_rate == 0:
+    def forward(self, params, state, x, *, train, key):
+        if not train or self.drop_rate == 0:
             return x, state
-        if ctx.key is None:
-            raise ValueError(f"{ctx.path}: Dropout in training mode needs a PRNG key: "
-                             "call apply(params, x, key=jax.random.key(...), train=True)")
+        require_key(key, "Dropout")
         # apply_with_state(..., drop_rate=r) replaces the rate with a (traced) value.
-        keep_rate = 1.0 - (self.drop_rate if ctx.drop_rate is None else ctx.drop_rate)
-        keep = jax.random.bernoulli(ctx.key, keep_rate, x.shape)
+        override = trace_options().drop_rate
+        keep_rate = 1.0 - (self.drop_rate if override is None else override)
+        keep = jax.random.bernoulli(key, keep_rate, x.shape)
         return jnp.where(keep, x / jnp.asarray(keep_rate, x.dtype), jnp.zeros_like(x)), state

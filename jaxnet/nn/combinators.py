@@ -16,8 +16,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxnet.nn.layer import (Array, Context, Layer, Params, ShapeError, State, call_layer,
-                         join_path, shape_str)
+from jaxnet.nn.layer import (Layer, Params, ShapeError, State, apply_child, init_child, shape_str,
+                             split_keys)
 
 
 def as_layer(layer) -> Layer:
@@ -45,28 +45,14 @@ def _child_names(layers: tuple[Layer, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _split_for(children, key: Array | None, train: bool) -> list[Array | None]:
-    """One key per child that needs one in training mode; no work when none does."""
-    keys: list[Array | None] = [None] * len(children)
-    if key is None or not train:
-        return keys
-    needy = [i for i, (_, child) in enumerate(children) if child.needs_key]
-    split = [key] if len(needy) == 1 else list(jax.random.split(key, len(needy)))
-    for i, k in zip(needy, split):
-        keys[i] = k
-    return keys
-
-
-def _init_child(name: str, child: Layer, key: Array, x: jax.ShapeDtypeStruct, path: str,
-                params: Params, state: State) -> jax.ShapeDtypeStruct:
+def _init_into(name: str, child: Layer, key, x: jax.ShapeDtypeStruct, params: Params,
+               state: State) -> jax.ShapeDtypeStruct:
     """Initialises ``child`` into ``params``/``state`` under ``name``; returns its output spec."""
-    child_path = join_path(path, name)
-    p, s = child._init(key, x, child_path)
+    p, s, y = init_child(child, name, key, x)
     if p:
         params[name] = p
     if s:
         state[name] = s
-    y, _ = jax.eval_shape(lambda p, s, v: child._apply(p, s, v, Context(child_path)), p, s, x)
     return y
 
 
@@ -83,18 +69,19 @@ class Serial(Layer):
     def children(self):
         return tuple(zip(_child_names(self.layers), self.layers))
 
-    def _init(self, key, x, path):
+    def init_params(self, key, x):
         params, state = {}, {}
         children = self.children()
         for (name, child), k in zip(children, jax.random.split(key, max(len(children), 1))):
-            x = _init_child(name, child, k, x, path, params, state)
+            x = _init_into(name, child, k, x, params, state)
         return params, state
 
-    def _apply(self, params, state, x, ctx):
+    def forward(self, params, state, x, *, train, key):
         new_state = {}
         children = self.children()
-        for (name, child), k in zip(children, _split_for(children, ctx.key, ctx.train)):
-            x, s = call_layer(child, params.get(name, {}), state.get(name, {}), x, ctx.child(name, k))
+        for (name, child), k in zip(children, split_keys(children, key, train)):
+            x, s = apply_child(child, name, params.get(name, {}), state.get(name, {}), x,
+                               train=train, key=k)
             if s:
                 new_state[name] = s
         return x, new_state
@@ -118,30 +105,31 @@ class Parallel(Layer):
     def children(self):
         return tuple(zip(_child_names(self.branches), self.branches))
 
-    def _init(self, key, x, path):
+    def init_params(self, key, x):
         params, state = {}, {}
         children = self.children()
-        outputs = [_init_child(name, child, k, x, path, params, state)
+        outputs = [_init_into(name, child, k, x, params, state)
                    for (name, child), k in zip(children, jax.random.split(key, len(children)))]
         shapes = {name: y.shape for (name, _), y in zip(children, outputs)}
         if self.fan_in == "sum" and len(set(shapes.values())) > 1:
-            raise ShapeError(f"{path or 'parallel'}: fan_in='sum' needs branch outputs of one shape; got "
+            raise ShapeError(f"fan_in='sum' needs branch outputs of one shape; got "
                              + ", ".join(f"{n} {shape_str(s[1:])}" for n, s in shapes.items()))
         if self.fan_in == "concat" and any(len(s) < 2 for s in shapes.values()):
             # without a feature axis the last axis is the batch axis: concat would join examples
-            raise ShapeError(f"{path or 'parallel'}: fan_in='concat' joins the last axis and needs branch "
+            raise ShapeError(f"fan_in='concat' joins the last axis and needs branch "
                              "outputs with a feature axis; got " + ", ".join(
                                  f"{n} {shape_str(s[1:])}" for n, s in shapes.items()))
         if self.fan_in == "concat" and len({s[:-1] for s in shapes.values()}) > 1:
-            raise ShapeError(f"{path or 'parallel'}: fan_in='concat' joins the last axis and needs the other axes "
+            raise ShapeError(f"fan_in='concat' joins the last axis and needs the other axes "
                              "equal; got " + ", ".join(f"{n} {shape_str(s[1:])}" for n, s in shapes.items()))
         return params, state
 
-    def _apply(self, params, state, x, ctx):
+    def forward(self, params, state, x, *, train, key):
         new_state, outputs = {}, []
         children = self.children()
-        for (name, child), k in zip(children, _split_for(children, ctx.key, ctx.train)):
-            y, s = call_layer(child, params.get(name, {}), state.get(name, {}), x, ctx.child(name, k))
+        for (name, child), k in zip(children, split_keys(children, key, train)):
+            y, s = apply_child(child, name, params.get(name, {}), state.get(name, {}), x,
+                               train=train, key=k)
             outputs.append(y)
             if s:
                 new_state[name] = s
@@ -160,16 +148,15 @@ class Residual(Layer):
     def children(self):
         return (("", self.body),)
 
-    def _init(self, key, x, path):
-        params, state = {}, {}
-        y = _init_child("", self.body, key, x, path, params, state)
+    def init_params(self, key, x):
+        params, state, y = init_child(self.body, "", key, x)
         if (y.shape, y.dtype) != (x.shape, x.dtype):
-            raise ShapeError(f"{path or 'residual'}: a residual body must keep the input's shape and dtype: input "
+            raise ShapeError(f"a residual body must keep the input's shape and dtype: input "
                              f"{shape_str(x.shape[1:])} {x.dtype}, body output {shape_str(y.shape[1:])} {y.dtype}")
-        return params.get("", {}), state.get("", {})
+        return params, state
 
-    def _apply(self, params, state, x, ctx):
-        y, new_state = call_layer(self.body, params, state, x, ctx)
+    def forward(self, params, state, x, *, train, key):
+        y, new_state = apply_child(self.body, "", params, state, x, train=train, key=key)
         return x + y, new_state
 
 
@@ -194,11 +181,11 @@ class Named(Layer):
     def _top_path(self):
         return self.name
 
-    def _init(self, key, x, path):
-        return self.layer._init(key, x, path)
+    def init_params(self, key, x):
+        return init_child(self.layer, "", key, x)[:2]
 
-    def _apply(self, params, state, x, ctx):
-        return call_layer(self.layer, params, state, x, ctx)
+    def forward(self, params, state, x, *, train, key):
+        return apply_child(self.layer, "", params, state, x, train=train, key=key)
 
 
 def serial(*layers) -> Serial:

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnet._xla import conv_ops as _conv_ops
-from jaxnet.nn.layer import Layer, broadcast_trailing, ShapeError, require_example_ndim, require_floating, shape_str
+from jaxnet._xla import conv_ops
+from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, require_example_ndim,
+                             require_floating, shape_str, trace_options)
 from jaxnet.nn.initializers import check_weight_init, init_weight_and_bias
 from jaxnet.nn.basic import check_positive
 
@@ -54,13 +55,13 @@ def _layout(ndim: int) -> str:
     return "(" + ", ".join(["depth", "height", "width"][3 - ndim:] if ndim > 1 else ["length"]) + ", channels)"
 
 
-def _check_window_fits(path: str, what: str, spatial: tuple[int, ...], window: tuple[int, ...],
+def _check_window_fits(what: str, spatial: tuple[int, ...], window: tuple[int, ...],
                        padding: Padding) -> None:
     """A window larger than the (padded) input is a mistake, not an empty output."""
     pads = [(0, 0)] * len(spatial) if padding in ("SAME", "VALID") else padding
     for size, w, (lo, hi) in zip(spatial, window, pads):
         if padding != "SAME" and w > size + lo + hi:
-            raise ShapeError(f"{path}: {what} {shape_str(window)} is larger than the input's spatial "
+            raise ShapeError(f"{what} {shape_str(window)} is larger than the input's spatial "
                              f"shape {shape_str(spatial)}" + ("" if padding == "VALID" else
                                                               f" padded by {padding}"))
 
@@ -119,40 +120,40 @@ class Conv(Layer):
                              f"feature_group_count ({self.feature_group_count})")
         check_weight_init(name, self.weight_init)
 
-    def _pads(self, x) -> _conv_ops.Pads:
+    def _pads(self, x) -> conv_ops.Pads:
         if not isinstance(self.padding, str):
             return self.padding
         dilated = [(k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation)]
         return tuple(map(tuple, lax.padtype_to_pads(x.shape[1:-1], dilated, self.strides, self.padding)))
 
-    def _init(self, key, x, path):
+    def init_params(self, key, x):
         ndim = len(self.kernel_size)
-        require_floating(x, path)
-        require_example_ndim(x, ndim + 1, path, _layout(ndim))
+        require_floating(x)
+        require_example_ndim(x, ndim + 1, _layout(ndim))
         channels = x.shape[-1]
         if channels % self.feature_group_count:
-            raise ShapeError(f"{path}: input channels ({channels}) must be divisible by "
+            raise ShapeError(f"input channels ({channels}) must be divisible by "
                              f"feature_group_count ({self.feature_group_count})")
         dilated = tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation))
-        _check_window_fits(path, "kernel (dilated)", x.shape[1:-1], dilated, self.padding)
+        _check_window_fits("kernel (dilated)", x.shape[1:-1], dilated, self.padding)
         in_per_group = channels // self.feature_group_count
         fan_in = in_per_group * math.prod(self.kernel_size)
         w_shape = self.kernel_size + (in_per_group, self.features)
         return init_weight_and_bias(key, self.weight_init, w_shape, fan_in, self.use_bias, x.dtype), {}
 
-    def _apply(self, params, state, x, ctx):
-        if ctx.reverse_only and self.feature_group_count == 1:  # canonical gradients: _conv_ops
-            y = _conv_ops.conv(x, params["w"], self.strides, self._pads(x), self.dilation)
+    def forward(self, params, state, x, *, train, key):
+        if trace_options().reverse_only and self.feature_group_count == 1:  # canonical gradients: _conv_ops
+            y = conv_ops.conv(x, params["w"], self.strides, self._pads(x), self.dilation)
         else:
             y = lax.conv_general_dilated(
                 x, params["w"], window_strides=self.strides, padding=self.padding,
-                rhs_dilation=self.dilation, dimension_numbers=_conv_ops.dimension_numbers(len(self.kernel_size)),
+                rhs_dilation=self.dilation, dimension_numbers=conv_ops.dimension_numbers(len(self.kernel_size)),
                 feature_group_count=self.feature_group_count)
         if self.use_bias:
             y = y + broadcast_trailing(params["b"], y)
         return y, state
 
-    def _flops(self, x_shape, y_shape, params):
+    def flops(self, x_shape, y_shape, params):
         per_output = 2 * math.prod(self.kernel_size) * x_shape[-1] // self.feature_group_count
         return math.prod(y_shape) * per_output
 
@@ -184,26 +185,26 @@ class _Pool(Layer):
                            else _as_tuple(name, "strides", self.strides, len(window)))
         object.__setattr__(self, "padding", _as_padding(name, self.padding, len(window)))
 
-    def _init(self, key, x, path):
+    def init_params(self, key, x):
         ndim = len(self.window_shape)
         if not isinstance(self.padding, str) and any(
                 lo >= w or hi >= w for (lo, hi), w in zip(self.padding, self.window_shape)):
-            raise ShapeError(f"{path}: padding {self.padding} is as wide as the window "
+            raise ShapeError(f"padding {self.padding} is as wide as the window "
                              f"{shape_str(self.window_shape)}: some windows would hold only padding")
         # MaxPool pads with -inf, which has no integer value; AvgPool would silently change dtype.
-        require_floating(x, path)
-        require_example_ndim(x, ndim + 1, path, _layout(ndim))
-        _check_window_fits(path, "window", x.shape[1:-1], self.window_shape, self.padding)
+        require_floating(x)
+        require_example_ndim(x, ndim + 1, _layout(ndim))
+        _check_window_fits("window", x.shape[1:-1], self.window_shape, self.padding)
         return {}, {}
 
-    def _blocks(self, x, ctx) -> jax.Array | None:
+    def _blocks(self, x, train: bool) -> jax.Array | None:
         """``x`` cut into its non-overlapping windows, ``(batch, out_1, window_1, out_2, window_2,
         ..., channels)``, in training mode when the windows tile the input (VALID padding,
         strides equal to the window): a reshape, whose reductions have elementwise gradients
         where ``reduce_window``'s max gradient is a slow select-and-scatter. ``None`` otherwise:
         in evaluation mode ``reduce_window``'s forward pass is as fast, and with the reshape
         XLA:CPU fuses a whole CNN's forward pass into one YNNPACK graph that runs 2x slower."""
-        if not (ctx.train or ctx.reverse_only):
+        if not (train or trace_options().reverse_only):
             return None
         no_padding = self.padding == "VALID" or (
             not isinstance(self.padding, str) and not any(map(any, self.padding)))
@@ -220,7 +221,7 @@ class _Pool(Layer):
         padding = self.padding if isinstance(self.padding, str) else ((0, 0),) + self.padding + ((0, 0),)
         return lax.reduce_window(x, init, op, dims, strides, padding)
 
-    def _flops(self, x_shape, y_shape, params):
+    def flops(self, x_shape, y_shape, params):
         return math.prod(y_shape) * math.prod(self.window_shape)
 
 
@@ -238,10 +239,10 @@ class MaxPool(_Pool):
 
     kind: ClassVar[str] = "max_pool"
 
-    def _apply(self, params, state, x, ctx):
-        blocks = self._blocks(x, ctx)
+    def forward(self, params, state, x, *, train, key):
+        blocks = self._blocks(x, train)
         if blocks is not None:  # the same derivative as reduce_window's, cheaper (see window_max)
-            return _conv_ops.window_max(blocks), state
+            return conv_ops.window_max(blocks), state
         # A NumPy scalar, not jnp.array: under jit the latter is a tracer, and reduce_window with a
         # traced init value falls back to a generic reduction that cannot be differentiated.
         return self._reduce(x, x.dtype.type(-jnp.inf), lax.max), state
@@ -256,10 +257,10 @@ class AvgPool(_Pool):
 
     kind: ClassVar[str] = "avg_pool"
 
-    def _apply(self, params, state, x, ctx):
-        blocks = self._blocks(x, ctx)
+    def forward(self, params, state, x, *, train, key):
+        blocks = self._blocks(x, train)
         if blocks is not None:
-            return jnp.mean(blocks, axis=_conv_ops.window_axes(blocks)), state
+            return jnp.mean(blocks, axis=conv_ops.window_axes(blocks)), state
         zero = x.dtype.type(0)  # concrete, see MaxPool
         sums = self._reduce(x, zero, lax.add)
         if self.padding == "VALID":

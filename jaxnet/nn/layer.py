@@ -1,31 +1,40 @@
 """The layer contract: a network is an immutable description plus pure functions.
 
-Every layer is a frozen, hashable dataclass deriving from :class:`Layer`. It
-implements two private methods that always see exactly one leading batch axis:
+A layer is a frozen, hashable dataclass deriving from :class:`Layer`. A layer author implements
+two public methods, and both always see exactly one leading batch axis:
 
-* ``_init(key, x, path) -> (params, state)`` where ``x`` is a
-  ``jax.ShapeDtypeStruct`` of shape ``(batch, *example)``. It validates the
-  input (rank, width, dtype) and raises :class:`ShapeError` / ``TypeError``
-  naming ``path``.
-* ``_apply(params, state, x, ctx) -> (y, state)`` where ``ctx`` is a
-  :class:`Context` carrying the layer's path, the train flag and the RNG key.
+* ``init_params(key, x) -> (params, state)``: ``x`` is a ``jax.ShapeDtypeStruct`` of shape
+  ``(batch, *example)``. Validate the input here (raise :class:`ShapeError` or ``TypeError``);
+  the library prefixes the message with the layer's path (``encoder/glu_1: ...``).
+* ``forward(params, state, x, *, train, key) -> (y, new_state)``: ``x`` is ``(batch, *example)``,
+  ``train`` the training-mode flag, ``key`` a PRNG key in training mode when the layer says
+  it :attr:`~Layer.needs_key`, else ``None``.
 
-The public methods (``init``, ``apply``, ...) add what users rely on: shape
-inference with ``jax.eval_shape``, validation of a params tree against the
-architecture, and support for any number of leading batch axes (one example,
-a batch, or under ``jax.vmap``). All of it happens at trace time.
+Optional: ``flops(x_shape, y_shape, params)`` for summaries, ``has_state`` / ``needs_key``
+properties, and ``children()`` with :func:`init_child` / :func:`apply_child` for layers made
+of other layers. ``docs/custom_layers.md`` walks through a complete example.
+
+The public entry points (``init``, ``apply``, ...) add shape inference with
+``jax.eval_shape``, validation of a params tree against the architecture and support for any
+number of leading batch axes (one example, a batch, or under ``jax.vmap``), all at trace time.
+What the library itself needs while tracing (the path for error messages, summary recording,
+a population's traced dropout rates, reverse-mode-only kernels) lives in a trace-time context
+(:func:`trace_options`), never in a layer's signature.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-import functools
 import math
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxnet.trees import shape_str
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -36,29 +45,39 @@ class ShapeError(ValueError):
     """An input or a parameter tree has the wrong shape for a layer."""
 
 
-class Context(NamedTuple):
-    """What a layer's ``_apply`` needs besides params, state and input.
+class TraceOptions(NamedTuple):
+    """What the library passes to layers while a network is traced (never at run time).
 
     Attributes:
-      path: the layer's name in the network, e.g. ``"encoder/dense_2"``.
-      train: training mode (dropout active, batch statistics used).
-      key: a PRNG key for stochastic layers, or ``None``.
-      record: when not ``None``, a list that leaf layers append summary rows to.
+      path: the path of the layer being run, e.g. ``"encoder/dense_2"``.
+      record: when not ``None``, a list that :func:`apply_child` appends summary rows to.
       drop_rate: when not ``None``, a float32 scalar (possibly traced) that replaces every
-        Dropout layer's own rate.
-      reverse_only: the caller differentiates this call in reverse mode only, so layers may
-        compute their gradients with custom VJPs (faster on XLA:CPU; no forward mode).
+        Dropout layer's own rate (population training).
+      reverse_only: the caller differentiates this call in reverse mode only, so built-in
+        layers may compute their gradients with custom VJPs (no forward mode).
     """
 
-    path: str
-    train: bool = False
-    key: Array | None = None
+    path: str = ""
     record: list | None = None
     drop_rate: Array | None = None
     reverse_only: bool = False
 
-    def child(self, name: str, key: Array | None) -> Context:
-        return self._replace(path=join_path(self.path, name), key=key)
+
+_TRACE = contextvars.ContextVar("jaxnet_trace_options", default=TraceOptions())
+
+
+def trace_options() -> TraceOptions:
+    """The options of the network call being traced (library-internal; layers rarely need it)."""
+    return _TRACE.get()
+
+
+@contextlib.contextmanager
+def _tracing(**changes):
+    token = _TRACE.set(_TRACE.get()._replace(**changes))
+    try:
+        yield
+    finally:
+        _TRACE.reset(token)
 
 
 def join_path(parent: str, name: str) -> str:
@@ -68,24 +87,70 @@ def join_path(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def shape_str(shape) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+_LOCATED = (ShapeError, TypeError, ValueError)
+
+
+@contextlib.contextmanager
+def _located(path: str):
+    """Prefixes a ``ShapeError``/``TypeError``/``ValueError`` raised inside with ``path``, once."""
+    try:
+        yield
+    except _LOCATED as error:
+        if type(error) not in _LOCATED or getattr(error, "jaxnet_path", None) is not None or not path:
+            raise
+        located = type(error)(f"{path}: {error}")
+        located.jaxnet_path = path
+        raise located from None
 
 
 class Layer:
     """Base of all jaxnet layers.
 
-    Subclasses are ``@dataclass(frozen=True)`` so that a network description is
-    immutable, hashable (a valid static argument to ``jax.jit``), comparable and
-    printable. ``kind`` is the prefix of automatic names (``dense`` gives
-    ``dense_1``, ``dense_2``, ...).
+    Subclasses are ``@dataclass(frozen=True)`` so that a network description is immutable,
+    hashable (a valid static argument to ``jax.jit``), comparable and printable. ``kind`` is the
+    prefix of automatic names (``dense`` gives ``dense_1``, ``dense_2``, ...).
     """
 
     kind: ClassVar[str] = "layer"
 
-    # ---- protocol for subclasses -------------------------------------------------
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        old = [name for name in ("_init", "_apply", "_flops") if name in vars(cls)]
+        if old:
+            raise TypeError(
+                f"{cls.__name__}: the layer protocol is now public: rename {', '.join(old)} to "
+                "init_params(key, x), forward(params, state, x, *, train, key) and "
+                "flops(x_shape, y_shape, params); see docs/custom_layers.md")
+
+    # ---- what a layer author implements ---------------------------------------------
+    def init_params(self, key: Array, x: jax.ShapeDtypeStruct) -> tuple[Params, State]:
+        """Creates ``(params, state)`` for inputs like ``x``, a ``(batch, *example)`` spec.
+
+        Raise :class:`ShapeError` (or ``TypeError`` for dtypes) for inputs the layer cannot take;
+        the library adds the layer's path to the message. The default creates nothing.
+        """
+        del key, x
+        return {}, {}
+
+    def forward(self, params: Params, state: State, x: Array, *, train: bool,
+                key: Array | None) -> tuple[Array, State]:
+        """Computes ``(y, new_state)`` for ``x`` of shape ``(batch, *example)``.
+
+        Args:
+          params, state: this layer's own entries, as :meth:`init_params` made them.
+          x: the input, with exactly one leading batch axis.
+          train: training mode (dropout active, batch statistics used).
+          key: a PRNG key in training mode when :attr:`needs_key`, else ``None``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def flops(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], params: Params) -> int:
+        """Estimated forward FLOPs for one call; one per output value by default."""
+        del x_shape, params
+        return math.prod(y_shape)
+
     def children(self) -> tuple[tuple[str, Layer], ...]:
-        """Named sub-layers, for composite layers; ``()`` for leaves."""
+        """Named sub-layers, for layers made of others; ``()`` for leaves."""
         return ()
 
     @property
@@ -98,17 +163,7 @@ class Layer:
         """True when the layer (or a sub-layer) needs a PRNG key in training mode."""
         return any(child.needs_key for _, child in self.children())
 
-    def _init(self, key: Array, x: jax.ShapeDtypeStruct, path: str) -> tuple[Params, State]:
-        return {}, {}
-
-    def _apply(self, params: Params, state: State, x: Array, ctx: Context) -> tuple[Array, State]:
-        raise NotImplementedError
-
-    def _flops(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], params: Params) -> int:
-        """Estimated forward FLOPs; elementwise by default."""
-        return math.prod(y_shape)
-
-    # ---- public API ----------------------------------------------------------------
+    # ---- what users call -------------------------------------------------------------
     def init(self, key: Array, x) -> Params:
         """Creates the parameters for inputs like ``x``.
 
@@ -134,9 +189,10 @@ class Layer:
         spec = as_spec(x)
         if spec.ndim < 1:
             raise ShapeError(
-                f"{self._top_path() or 'network'}: init expects an example batch with a leading batch axis "
-                f"(e.g. x[:1]); got a scalar")
-        return self._init(_check_key(key), spec, self._top_path())
+                f"{self._top_path() or 'network'}: init expects an example batch with a leading "
+                "batch axis (e.g. x[:1]); got a scalar")
+        params, state, _ = init_child(self, self._top_path(), check_key(key), spec)
+        return params, state
 
     def apply(self, params: Params, x: Array, *, key: Array | None = None,
               train: bool = False) -> Array:
@@ -161,8 +217,8 @@ class Layer:
 
     def apply_with_state(self, params: Params, state: State, x: Array, *,
                          key: Array | None = None, train: bool = False,
-                         drop_rate: Array | float | None = None, reverse_only: bool = False,
-                         _record: list | None = None) -> tuple[Array, State]:
+                         drop_rate: Array | float | None = None, reverse_only: bool = False
+                         ) -> tuple[Array, State]:
         """Runs the network with explicit state.
 
         Args:
@@ -175,24 +231,26 @@ class Layer:
             every Dropout layer built with a nonzero rate (a rate of 0 builds no dropout at all),
             so that a schedule or a population of rates needs no recompilation.
           reverse_only: promise that this call is differentiated in reverse mode only
-            (``jax.grad``, ``jax.vjp``), as ``train_batch`` and ``fit`` do. ``Dense`` and ``Conv``
-            then compute their weight gradients in the forms XLA:CPU runs fastest (same values;
+            (``jax.grad``, ``jax.vjp``), as ``fit`` does. ``Dense`` and ``Conv`` then compute
+            their weight gradients in the forms XLA:CPU runs fastest (same values; see
             ``docs/performance.md``); ``jax.jvp`` of the output raises an error.
 
         Returns:
           ``(y, new_state)`` with ``y`` of shape ``(*batch, *output)``.
         """
+        from jaxnet.nn.shapes import infer_example_ndim  # shapes builds on this module
+
         x = jnp.asarray(x)
         example_ndim = infer_example_ndim(self, params, state, x)
         batch_shape = x.shape[:x.ndim - example_ndim]
         batched = x.reshape((math.prod(batch_shape),) + x.shape[len(batch_shape):])
         if key is not None:
-            key = _check_key(key)
+            key = check_key(key)
         if drop_rate is not None:
             drop_rate = jnp.asarray(drop_rate, jnp.float32)
-        ctx = Context(self._top_path(), train=train, key=key, record=_record, drop_rate=drop_rate,
-                      reverse_only=reverse_only)
-        y, new_state = call_layer(self, params, state, batched, ctx)
+        with _tracing(drop_rate=drop_rate, reverse_only=reverse_only):
+            y, new_state = apply_child(self, self._top_path(), params, state, batched,
+                                       train=train, key=key)
         return y.reshape(batch_shape + y.shape[1:]), new_state
 
     def output_shape(self, x) -> jax.ShapeDtypeStruct:
@@ -220,13 +278,66 @@ class Layer:
         return "" if self.children() else self.kind
 
 
-def call_layer(layer: Layer, params: Params, state: State, x: Array,
-               ctx: Context) -> tuple[Array, State]:
-    """Applies ``layer`` and, when summarising, records a row for each leaf layer."""
-    y, new_state = layer._apply(params, state, x, ctx)
-    if ctx.record is not None and not layer.children():
-        ctx.record.append((ctx.path, layer, tuple(x.shape), y, params))
+def init_child(child: Layer, name: str, key: Array,
+               x: jax.ShapeDtypeStruct) -> tuple[Params, State, jax.ShapeDtypeStruct]:
+    """Initialises ``child`` as the sub-layer ``name`` of the layer being initialised.
+
+    For layers made of others (``children()``); errors raised inside name the child's path.
+
+    Returns:
+      ``(params, state, y)``: the child's trees and its output spec for inputs like ``x``.
+    """
+    path = join_path(_TRACE.get().path, name)
+    with _tracing(path=path, record=None), _located(path or child.kind):
+        params, state = child.init_params(key, x)
+        y, _ = jax.eval_shape(lambda p, s, v: child.forward(p, s, v, train=False, key=None),
+                              params, state, x)
+    return params, state, y
+
+
+def apply_child(child: Layer, name: str, params: Params, state: State, x: Array, *,
+                train: bool, key: Array | None) -> tuple[Array, State]:
+    """Runs ``child`` as the sub-layer ``name`` of the layer being run: ``(y, new_state)``.
+
+    For layers made of others; errors raised inside name the child's path, and summaries see
+    a row for each leaf layer.
+    """
+    options = _TRACE.get()
+    path = join_path(options.path, name)
+    with _tracing(path=path), _located(path or child.kind):
+        y, new_state = child.forward(params, state, x, train=train, key=key)
+    if options.record is not None and not child.children():
+        options.record.append((path, child, tuple(x.shape), y, params))
     return y, new_state
+
+
+@contextlib.contextmanager
+def recording(rows: list):
+    """Within the block, every network call appends ``(path, layer, x_shape, y, params)`` rows
+    for its leaf layers to ``rows`` (used by :func:`jaxnet.summarize`)."""
+    with _tracing(record=rows):
+        yield
+
+
+def split_keys(children, key: Array | None, train: bool) -> list[Array | None]:
+    """One key per child that needs one in training mode (``None`` for the others); no
+    splitting work when none does."""
+    keys: list[Array | None] = [None] * len(children)
+    if key is None or not train:
+        return keys
+    needy = [i for i, (_, child) in enumerate(children) if child.needs_key]
+    split = [key] if len(needy) == 1 else list(jax.random.split(key, len(needy)))
+    for i, k in zip(needy, split):
+        keys[i] = k
+    return keys
+
+
+def require_key(key: Array | None, layer: str = "this layer") -> Array:
+    """``key``, or a ``ValueError`` saying that ``layer`` needs one in training mode."""
+    if key is None:
+        raise ValueError(f"{layer} in training mode needs a PRNG key: call "
+                         "apply(params, x, key=jax.random.key(...), train=True)")
+    return key
 
 
 def broadcast_trailing(v: Array, like: Array) -> Array:
@@ -253,22 +364,31 @@ def param_dtype(x: jax.ShapeDtypeStruct):
     return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
 
-def require_floating(x: jax.ShapeDtypeStruct, path: str) -> None:
+def require_floating(x: jax.ShapeDtypeStruct) -> None:
+    """Raises ``TypeError`` unless ``x`` is floating."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
-            f"{path}: expected a floating-point input, got {x.dtype} of shape {shape_str(x.shape)}; "
+            f"expected a floating-point input, got {x.dtype} of shape {shape_str(x.shape)}; "
             f"convert it first, e.g. x.astype(jnp.float32) / 255")
 
 
-def require_example_ndim(x: jax.ShapeDtypeStruct, ndim: int, path: str, layout: str) -> None:
+def require_example_ndim(x: jax.ShapeDtypeStruct, ndim: int, layout: str) -> None:
     """Raises unless ``x`` is ``(batch, *example)`` with ``example`` of rank ``ndim``."""
     if x.ndim - 1 != ndim:
         raise ShapeError(
-            f"{path}: expected examples of shape {layout} (rank {ndim}); got examples of shape "
+            f"expected examples of shape {layout} (rank {ndim}); got examples of shape "
             f"{shape_str(x.shape[1:])} (rank {x.ndim - 1})")
 
 
-def _check_key(key) -> Array:
+def require_feature_axis(x: jax.ShapeDtypeStruct) -> None:
+    """Raises unless each example has at least one axis (the feature axis)."""
+    if x.ndim < 2:
+        raise ShapeError(f"expected examples with a feature axis (..., features); got examples "
+                         f"of shape {shape_str(x.shape[1:])}")
+
+
+def check_key(key) -> Array:
+    """``key`` if it is a PRNG key (typed, or legacy ``uint32[2]``), else a ``TypeError``."""
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key
     if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == jnp.uint32 and key.shape == (2,):
@@ -283,83 +403,3 @@ def _stateful_paths(layer: Layer, path: str) -> list[str]:
         return [path] if layer.has_state else []
     return [p for name, child in layer.children()
             for p in _stateful_paths(child, join_path(path, name))]
-
-
-# ---- validation of params/state trees and inference of the example rank -------------
-
-@functools.lru_cache(maxsize=256)
-def _expected_trees(layer: Layer, shape: tuple[int, ...], dtype) -> tuple[Any, Any]:
-    """Shapes and dtypes of ``layer.init_with_state`` for inputs of ``shape`` (cached)."""
-    spec = jax.ShapeDtypeStruct(shape, dtype)
-    return jax.eval_shape(lambda k: layer._init(k, spec, layer._top_path()), jax.random.key(0))
-
-
-def _leaves_by_path(tree) -> dict[str, Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): leaf
-            for path, leaf in leaves}
-
-
-def _structure_problems(what: str, expected: dict, actual: dict) -> list[str]:
-    missing = sorted(set(expected) - set(actual))
-    unexpected = sorted(set(actual) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing {what} {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {what} {', '.join(unexpected)}")
-    return problems
-
-
-def _shape_problems(expected: dict, actual: dict) -> list[str]:
-    problems = []
-    for name, spec in expected.items():
-        leaf = actual[name]
-        shape, dtype = tuple(np.shape(leaf)), getattr(leaf, "dtype", None)
-        if shape != spec.shape:
-            problems.append(f"{name} has shape {shape_str(shape)}, expected {shape_str(spec.shape)}")
-        elif dtype is not None and jnp.dtype(dtype) != spec.dtype:
-            problems.append(f"{name} has dtype {dtype}, expected {spec.dtype}")
-    return problems
-
-
-def infer_example_ndim(layer: Layer, params: Params, state: State, x: Array) -> int:
-    """The number of trailing axes of ``x`` that form one example.
-
-    It is the smallest rank that fits: ``init`` accepts the example and would produce exactly
-    the shapes and dtypes of ``params`` and ``state``. That covers one example, a batch, several
-    batch axes and ``vmap``. A network without any parameters or state has nothing to go
-    by, so it reads ``x`` as a batch ``(batch, *example)`` when it can. Costs nothing at run
-    time: it only compares shapes, cached per input shape.
-
-    Raises:
-      ValueError: the trees do not belong to this architecture (lists missing and
-        unexpected entries), or fit no reading of ``x`` (the message is the one for the
-        conventional reading, naming the layer or the mis-shaped entries).
-    """
-    top = layer._top_path() or "network"
-    actual_params, actual_state = _leaves_by_path(params), _leaves_by_path(state)
-    conventional = max(x.ndim - 1, min(x.ndim, 1))  # x read as (batch, *example), or one vector
-    errors = {}
-    ranks = list(range(x.ndim + 1))
-    if not actual_params and not actual_state:
-        ranks = [conventional] + [r for r in ranks if r != conventional]
-    for ndim in ranks:
-        try:
-            trees = _expected_trees(layer, (1,) + x.shape[x.ndim - ndim:], x.dtype)
-        except ShapeError as error:
-            errors[ndim] = error
-            continue
-        expected_params, expected_state = map(_leaves_by_path, trees)
-        structure = (_structure_problems("params", expected_params, actual_params)
-                     + _structure_problems("state", expected_state, actual_state))
-        if structure:
-            raise ValueError(f"{top}: params/state do not match this network: {'; '.join(structure)}")
-        problems = (_shape_problems(expected_params, actual_params)
-                    + _shape_problems(expected_state, actual_state))
-        if not problems:
-            return ndim
-        errors[ndim] = ShapeError(
-            f"{top}: params do not fit an input of shape {shape_str(x.shape)}: "
-            + "; ".join(problems) + " (made for another input shape or architecture?)")
-    raise errors[conventional]

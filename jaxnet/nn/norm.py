@@ -8,13 +8,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnet.nn.layer import Layer, ShapeError, broadcast_trailing, require_floating, shape_str
-
-
-def _check_feature_axis(x, path: str) -> None:
-    if x.ndim < 2:
-        raise ShapeError(f"{path}: expected examples with a feature axis (..., features); "
-                         f"got examples of shape {shape_str(x.shape[1:])}")
+from jaxnet.nn.layer import Layer, broadcast_trailing, require_feature_axis, require_floating
 
 
 def statistics_dtype(dtype):
@@ -69,12 +63,12 @@ class LayerNorm(Layer):
         if not self.epsilon > 0:
             raise ValueError(f"LayerNorm: epsilon must be positive, got {self.epsilon!r}")
 
-    def _init(self, key, x, path):
-        require_floating(x, path)
-        _check_feature_axis(x, path)
+    def init_params(self, key, x):
+        require_floating(x)
+        require_feature_axis(x)
         return _scale_and_bias(x, self.use_scale, self.use_bias), {}
 
-    def _apply(self, params, state, x, ctx):
+    def forward(self, params, state, x, *, train, key):
         xs = x.astype(statistics_dtype(x.dtype))
         mean = jnp.mean(xs, axis=-1, keepdims=True)
         var = jnp.var(xs, axis=-1, keepdims=True)
@@ -118,17 +112,17 @@ class BatchNorm(Layer):
     def has_state(self):
         return True
 
-    def _init(self, key, x, path):
-        require_floating(x, path)
-        _check_feature_axis(x, path)
+    def init_params(self, key, x):
+        require_floating(x)
+        require_feature_axis(x)
         features = x.shape[-1]
         dtype = statistics_dtype(x.dtype)
         state = {"mean": jnp.zeros((features,), dtype), "var": jnp.ones((features,), dtype)}
         return _scale_and_bias(x, self.use_scale, self.use_bias), state
 
-    def _apply(self, params, state, x, ctx):
+    def forward(self, params, state, x, *, train, key):
         xs = x.astype(statistics_dtype(x.dtype))
-        if not ctx.train:
+        if not train:
             y = _normalise(xs, state["mean"], state["var"], params, self.epsilon)
             return y.astype(x.dtype), state
         axes = tuple(range(x.ndim - 1))

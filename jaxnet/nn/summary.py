@@ -7,7 +7,8 @@ from typing import NamedTuple
 
 import jax
 
-from jaxnet.nn.layer import Layer, as_spec, infer_example_ndim, shape_str
+from jaxnet.nn.layer import Layer, as_spec, recording, shape_str
+from jaxnet.nn.shapes import infer_example_ndim
 
 
 class SummaryRow(NamedTuple):
@@ -69,7 +70,8 @@ def summarize(network: Layer, x) -> Summary:
     def run(key):
         params, state = network.init_with_state(key, spec)
         inputs = jax.numpy.zeros(spec.shape, spec.dtype)
-        network.apply_with_state(params, state, inputs, _record=records)
+        with recording(records):
+            network.apply_with_state(params, state, inputs)
         example_ndim = infer_example_ndim(network, params, state, inputs)
         batch_shapes.append(spec.shape[:spec.ndim - example_ndim])
 
@@ -84,5 +86,5 @@ def summarize(network: Layer, x) -> Summary:
             path=path, layer=repr(layer), output_shape=batch_shape + tuple(y.shape[1:]),
             parameters=sum(math.prod(leaf.shape) for leaf in leaves),
             bytes=sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in leaves),
-            flops=layer._flops(x_shape, tuple(y.shape), params)))
+            flops=layer.flops(x_shape, tuple(y.shape), params)))
     return Summary(tuple(rows))
