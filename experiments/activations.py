@@ -21,14 +21,12 @@ import argparse
 import dataclasses
 import time
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import common  # noqa: E402
-from jaxnet.app.run import RunConfig  # noqa: E402
+import common
+from jaxnet.app.run import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +114,8 @@ def tables(settings: Settings, records: list[dict]) -> str:
 
 def plot(settings: Settings, records: list[dict], out_dir) -> None:
     datasets, depths = settings.datasets, settings.depths
-    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    figure = Figure(figsize=(5 * len(datasets), 4))
+    axes = figure.subplots(1, len(datasets), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for activation in settings.activations:
             stats = [common.mean_std([r["test_accuracy"][-1] for r in group(records, dataset, activation, d)])
@@ -129,8 +128,8 @@ def plot(settings: Settings, records: list[dict], out_dir) -> None:
     figure.tight_layout()
     figure.savefig(out_dir / "accuracy_vs_depth.png", dpi=100)
 
-    figure, axes = plt.subplots(len(datasets), len(depths), figsize=(3.2 * len(depths), 3 * len(datasets)),
-                                squeeze=False, sharey="row")
+    figure = Figure(figsize=(3.2 * len(depths), 3 * len(datasets)))
+    axes = figure.subplots(len(datasets), len(depths), squeeze=False, sharey="row")
     for row, dataset in zip(axes, datasets):
         for ax, depth in zip(row, depths):
             for activation in settings.activations:
@@ -140,7 +139,7 @@ def plot(settings: Settings, records: list[dict], out_dir) -> None:
                 ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.2)
             ax.axhline(100 * settings.recipes[dataset].target, color="gray", ls="--", lw=0.8)
             ax.set(title=f"{dataset}, depth {depth}", xlabel="epoch")
-            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         row[0].set_ylabel("test accuracy (%)")
         row[0].set_ylim(max(row[0].get_ylim()[0], 50), None)

@@ -31,19 +31,16 @@ import dataclasses
 import functools
 import time
 
-import matplotlib
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import common  # noqa: E402
-import jaxnet as jn  # noqa: E402
-from jaxnet.losses import softmax_cross_entropy  # noqa: E402
-from jaxnet.models import mlp  # noqa: E402
-from jaxnet.app.run import RunConfig, load_data  # noqa: E402
+import common
+import jaxnet as jn
+from jaxnet.losses import softmax_cross_entropy
+from jaxnet.models import mlp
+from jaxnet.app.run import RunConfig, load_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +158,8 @@ def table(settings: Settings, records: list[dict]) -> str:
 
 
 def plot(settings: Settings, records: list[dict], out_dir) -> None:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    left, right = figure.subplots(1, 2)
     for name, _, _ in settings.configs:
         curves = 100 * np.array([r["test_accuracy"] for r in group(records, name)])
         epochs = np.arange(1, curves.shape[1] + 1)

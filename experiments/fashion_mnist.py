@@ -29,14 +29,11 @@ import argparse
 import dataclasses
 import time
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import common  # noqa: E402
-from jaxnet.app.run import RunConfig  # noqa: E402
+import common
+from jaxnet.app.run import RunConfig
 
 TARGETS = {"mlp": 0.895, "cnn": 0.920}
 
@@ -102,7 +99,8 @@ def table(settings: Settings, records: list[dict]) -> str:
 
 
 def plot(settings: Settings, records: list[dict], path) -> None:
-    figure, ax = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    ax = figure.subplots()
     for model, color in zip(settings.models, ("tab:blue", "tab:orange")):
         runs = [r for r in records if r["model"] == model]
         for i, r in enumerate(runs):

@@ -22,15 +22,12 @@ import argparse
 import dataclasses
 import time
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import common  # noqa: E402
-from jaxnet.app.run import RunConfig  # noqa: E402
-from jaxnet.app.sweep import sweep  # noqa: E402
+import common
+from jaxnet.app.run import RunConfig
+from jaxnet.app.sweep import sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +49,8 @@ def seed_variance(base: RunConfig, settings: Settings) -> dict:
 
 
 def plot_seed_variance(accuracy: list[float], path) -> None:
-    figure, ax = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    ax = figure.subplots()
     ax.hist(np.asarray(accuracy) * 100, bins=12, color="C0", alpha=0.8)
     mean, std = common.mean_std(accuracy)
     ax.axvline(mean * 100, color="k", linestyle="--", label=f"mean {mean:.2%} ± {std:.2%}")
@@ -62,11 +60,11 @@ def plot_seed_variance(accuracy: list[float], path) -> None:
     ax.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def plot_lr_grid(results: dict, path) -> None:
-    figure, ax = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    ax = figure.subplots()
     members = results["members"]
     ax.scatter([m["lr"] for m in members], [m["test_accuracy"] * 100 for m in members],
                s=12, alpha=0.5, color="C0", label="one seed")
@@ -81,7 +79,6 @@ def plot_lr_grid(results: dict, path) -> None:
     ax.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def main() -> None:

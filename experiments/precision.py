@@ -28,14 +28,11 @@ import argparse
 import dataclasses
 import time
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import common  # noqa: E402
-from jaxnet.app.run import RunConfig  # noqa: E402
+import common
+from jaxnet.app.run import RunConfig
 
 PRECISIONS = ("f32", "bf16")
 
@@ -116,7 +113,8 @@ def table(settings: Settings, records: list[dict]) -> str:
 
 
 def plot(settings: Settings, records: list[dict], path) -> None:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    left, right = figure.subplots(1, 2)
     for precision, color in zip(PRECISIONS, ("tab:blue", "tab:orange")):
         runs = [r for r in records if r["precision"] == precision]
         for i, r in enumerate(runs):

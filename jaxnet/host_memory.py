@@ -15,8 +15,11 @@ step page-faulted 1,000-10,000 times per call in some runs and took 32-41 ms ins
 glibc still maps memory where its heaps cannot grow, so allocations do not fail for it. The
 setting is process-wide: it speeds up every JAX program in the
 process (a raw-JAX reference benchmarked alongside benefits equally) and keeps the process's
-resident memory at its peak instead of shrinking after each call. ``import jaxnet`` applies it
-unless the environment sets ``JAXNET_HOST_MALLOC=default``.
+resident memory at its peak instead of shrinking after each call. So ``import jaxnet`` leaves
+the allocator alone: the ``jaxnet`` command and the benchmarks call
+:func:`keep_freed_host_memory` (``jaxnet.keep_freed_host_memory()``), and library users may call
+it too, early in a program that runs many small XLA:CPU calls. The environment setting
+``JAXNET_HOST_MALLOC=default`` makes it do nothing.
 """
 
 from __future__ import annotations

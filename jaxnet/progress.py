@@ -1,4 +1,5 @@
-"""Progress reporting for ``fit``: a rich progress bar fed from the device loop."""
+"""Progress reporting for ``fit``: a rich progress bar fed from the device loop, or, when
+stderr is not a terminal (a log file, CI, ``nohup``), one plain line per epoch."""
 
 from __future__ import annotations
 
@@ -70,8 +71,45 @@ class BarProgress(NoProgress):
                                 f"{record['train_accuracy']:.4f}{test}")
 
 
+def format_epoch(record: dict, epochs: int) -> str:
+    """One line for an epoch's record: epoch, train and test metrics, seconds."""
+    parts = [f"epoch {record['epoch']}/{epochs}",
+             f"train loss {record['train_loss']:.4f}", f"train acc {record['train_accuracy']:.4f}"]
+    if "test_loss" in record:
+        parts += [f"test loss {record['test_loss']:.4f}", f"test acc {record['test_accuracy']:.4f}"]
+    if record.get("skipped_batches"):
+        parts.append(f"skipped {record['skipped_batches']} batches")
+    if "seconds" in record:
+        parts.append(f"{record['seconds']:.2f} s")
+    return "  ".join(parts)
+
+
+class LineProgress(NoProgress):
+    """One complete line per epoch on stderr, written when the epoch ends: for logs, where a
+    progress bar would be drawn once, at the end, cut to 80 columns."""
+
+    def __init__(self, epochs: int, file=None):
+        self.epochs, self.file = epochs, file
+
+    def end_epoch(self, record):
+        print(format_epoch(record, self.epochs), file=self.file or sys.stderr, flush=True)
+
+
+def _interactive() -> bool:
+    """Whether stderr shows a live display (a terminal or a notebook), as rich sees it."""
+    console = Console(stderr=True)
+    return console.is_terminal or console.is_jupyter
+
+
 def make_progress(progress: bool | None, epochs: int, steps_per_epoch: int) -> NoProgress:
-    """A bar when ``progress`` is true, or when it is ``None`` and stderr is a terminal."""
+    """What ``fit``'s ``progress`` asks for.
+
+    ``None``: a bar when stderr is a terminal, else nothing. ``True``: a bar where it can be
+    shown live (a terminal or a notebook), else one line per epoch (:class:`LineProgress`).
+    ``False``: nothing.
+    """
     if progress is None:
-        progress = sys.stderr.isatty()
-    return BarProgress(epochs, steps_per_epoch) if progress else NoProgress()
+        return BarProgress(epochs, steps_per_epoch) if sys.stderr.isatty() else NoProgress()
+    if not progress:
+        return NoProgress()
+    return BarProgress(epochs, steps_per_epoch) if _interactive() else LineProgress(epochs)

@@ -588,6 +588,8 @@ class FromStax(Layer):
     init_fun: InitFun
     apply_fun: ApplyFun
     name: str = "stax"
+    example_ndim: int | None = None  # type: ignore[misc]  (a field here, a ClassVar in Layer)
+    pointwise: bool = False  # type: ignore[misc]
 
     def __post_init__(self):
         if not (callable(self.init_fun) and callable(self.apply_fun)):
@@ -630,7 +632,8 @@ class FromStax(Layer):
         return int(cost.get("flops", 0) + cost.get("transcendentals", 0)) if cost else 0
 
 
-def from_stax(init_fun: InitFun, apply_fun: ApplyFun, name: str = "stax") -> FromStax:
+def from_stax(init_fun: InitFun, apply_fun: ApplyFun, name: str = "stax", *,
+              example_ndim: int | None = None, pointwise: bool = False) -> FromStax:
     """Wraps a stax ``(init_fun, apply_fun)`` pair as a jaxnet layer.
 
     The stax params tree (tuples and lists, as stax makes them) is kept as is in the
@@ -652,8 +655,14 @@ def from_stax(init_fun: InitFun, apply_fun: ApplyFun, name: str = "stax") -> Fro
         ``(1, *example)``.
       apply_fun: ``apply_fun(params, inputs, **kwargs)`` on ``(batch, *example)`` inputs.
       name: the layer's name in the params tree and in error messages (``stax_1``, ...).
+      example_ndim: the rank of one example the pair takes, when it has one (e.g. 3 for a
+        stax ``Conv``); stax itself never says, so jaxnet cannot tell which axes of a network's
+        input are batch axes when several readings fit, and raises until told.
+      pointwise: ``True`` when the pair treats every position of an example independently
+        (stax ``Dense`` and elementwise layers), so that any reading gives the same outputs.
 
     Example:
-      >>> net = jaxnet.serial(from_stax(*stax.serial(stax.Dense(8), stax.Relu)), jaxnet.Dense(2))
+      >>> net = jaxnet.serial(from_stax(*stax.serial(stax.Dense(8), stax.Relu), pointwise=True),
+      ...                     jaxnet.Dense(2))
     """
-    return FromStax(init_fun, apply_fun, name)
+    return FromStax(init_fun, apply_fun, name, example_ndim, pointwise)

@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from jaxnet.app import cli, run
 from jaxnet.app.cli import main
 
 FAST = ["--epochs", "2", "--hidden", "32", "--no-progress"]
@@ -56,7 +59,9 @@ def test_summary_of_a_run_and_from_options(run_dir, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--epochs", "0"], "epochs must be a positive integer, got 0"),
+    (["train", "--epochs", "0"], "jaxnet: error: --epochs must be a positive integer, got 0"),
+    (["train", "--batch-size", "0"], "jaxnet: error: --batch-size must be a positive integer, got 0"),
+    (["train", "--hidden", "8,0"], "argument --hidden: sizes must be positive, got '8,0'"),
     (["train", "--hidden", "5,x"], "expected comma-separated integers"),
     (["train", "--activation", "swish"], "invalid choice: 'swish'"),
     (["train", "--dataset", "mnist"], "mnist"),
@@ -87,6 +92,24 @@ def test_corrupt_params_file_is_a_clean_error(run_dir, tmp_path, capsys):
     assert "params.safetensors: not a readable safetensors file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("message, shown", [
+    ("fit: batch_size must be a positive integer, got 0",
+     "--batch-size must be a positive integer, got 0"),
+    ("epochs must be a positive integer, got 0", "--epochs must be a positive integer, got 0"),
+    ("hidden sizes must be positive integers, got (0,)",
+     "--hidden sizes must be positive integers, got (0,)"),
+    ("batch-size 30 does not split evenly over 8 devices",
+     "--batch-size 30 does not split evenly over 8 devices"),
+    ("devices: asked for 3 devices", "--devices: asked for 3 devices"),
+    # not about a flag: as they are
+    ("runs/x/config.json: epochs must be a positive integer", None),
+    ("mnist: no data directory given", None),
+    ("predict: x must be (n, *example) inputs", None),
+])
+def test_library_argument_names_become_flags(message, shown):
+    assert cli._with_flag_names(message) == (shown or message)
+
+
 def test_the_console_command_never_shows_a_traceback(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, x_train=np.zeros((4, 3)), y_train=np.zeros(5, np.int64))
@@ -95,4 +118,61 @@ def test_the_console_command_never_shows_a_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.startswith("jaxnet: error:")
-    assert str(bad) in result.stderr
+    assert str(bad) in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # no empty run directory left behind
+
+
+def _quiet_env():
+    """The environment without what makes rich treat a pipe as a terminal."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("FORCE_COLOR", "TTY_INTERACTIVE", "JUPYTER_COLUMNS", "JUPYTER_LINES")}
+
+
+def test_train_into_a_log_prints_one_whole_line_per_epoch(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jaxnet.app.cli", "train", "--epochs", "2",
+                             "--hidden", "32", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300, env=_quiet_env())
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    number = r"\d+\.\d{4}"
+    for epoch, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"epoch {epoch}/2  train loss {number}  train acc {number}  "
+                            rf"test loss {number}  test acc {number}  \d+\.\d\d s", line), line
+    assert len(lines) == 2
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert f"test acc {records[-1]['test_accuracy']:.4f}" in lines[-1]
+    summary = result.stdout.splitlines()  # whole lines, not wrapped at 80 columns
+    assert len(summary) == 2 and "after 2 epochs" in summary[0] and summary[1].startswith("results:")
+    quiet = subprocess.run([sys.executable, "-m", "jaxnet.app.cli", "train", "--epochs", "2",
+                            "--hidden", "32", "--no-progress", "--out", str(tmp_path / "quiet")],
+                           capture_output=True, text=True, timeout=300, env=_quiet_env())
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--devices", "3"], "--devices: asked for 3 devices"),
+    (["--dataset", "npz", "--data", "/nonexistent/data.npz"], "/nonexistent/data.npz"),
+])
+def test_a_run_that_fails_before_training_leaves_no_directory(argv, message, tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    assert main(["train", *FAST, "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxnet: error:") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_directory_made_before_a_failure_is_removed(tmp_path, capsys, monkeypatch):
+    def fail(*args, **kwargs):
+        raise ValueError("fit: batch_size must be a positive integer, got 0")
+
+    monkeypatch.setattr(run, "fit", fail)  # fails once config.json and metrics.jsonl are written
+    out = tmp_path / "new" / "run"
+    assert main(["train", *FAST, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == ("jaxnet: error: --batch-size must be a positive integer, "
+                                       "got 0\n")
+    assert not (tmp_path / "new").exists()
+    given = tmp_path / "given"  # a directory that was there before is left there
+    given.mkdir()
+    assert main(["train", *FAST, "--out", str(given)]) == 2
+    assert given.is_dir() and not (given / "config.json").exists()

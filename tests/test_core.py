@@ -217,7 +217,7 @@ def test_init_with_a_bad_key(key_value, message):
     ((), jn.ShapeError, "network: init expects an example batch with a leading batch axis (e.g. x[:1]); got a scalar"),
     (jnp.float32(1.5), jn.ShapeError, "got a scalar"),
     ((1, -4), jn.ShapeError, "input shape (1, -4) has a negative size"),
-    ([1, 4], TypeError, "expected an array, a jax.ShapeDtypeStruct or a shape tuple; got list"),
+    ([1, 4], TypeError, "expected an array, a jax.ShapeDtypeStruct, a shape tuple or a pytree (tuple, dict) of arrays; got list"),
     ("x", TypeError, "got str"),
     ((1,), jn.ShapeError, "dense_1: expected examples with a feature axis (..., features); got examples of shape ()"),
     (jnp.ones((1, 4), jnp.int32), TypeError, "dense_1: expected a floating-point input, got int32 of shape (1, 4)"),

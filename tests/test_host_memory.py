@@ -28,7 +28,10 @@ def test_a_c_library_without_mallopt_is_skipped(monkeypatch):
 
 _PROBE = """
 import ctypes, sys
-import jaxnet  # applies the settings unless JAXNET_HOST_MALLOC=default
+import jaxnet  # leaves the allocator alone
+if sys.argv[1] == "cli":  # the command opts in, unless JAXNET_HOST_MALLOC=default
+    from jaxnet.app.cli import main
+    assert main(["eval", "/nonexistent/run"]) == 2  # opts in first, whatever the command does
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -48,10 +51,15 @@ for block in blocks:
 
 
 @linux
-@pytest.mark.parametrize("value, mmapped", [(None, "0"), ("default", "2")])
-def test_import_keeps_large_blocks_on_the_heap_unless_opted_out(value, mmapped):
+@pytest.mark.parametrize("how, value, mmapped", [
+    ("import", None, "2"),       # import jaxnet: glibc's defaults, large blocks mmapped
+    ("cli", None, "0"),          # the jaxnet command: kept on the heap
+    ("cli", "default", "2"),     # ... unless opted out
+])
+def test_the_command_keeps_large_blocks_on_the_heap_unless_opted_out(how, value, mmapped):
     env = {"PATH": "/usr/bin:/bin"} | ({} if value is None else {host_memory.ENV_VAR: value})
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", _PROBE, how], capture_output=True, text=True,
+                         env=env, timeout=300)
     if "mallinfo2" in out.stderr:
         pytest.skip("glibc older than 2.33 has no mallinfo2")
     assert out.returncode == 0, out.stderr

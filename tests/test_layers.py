@@ -290,8 +290,8 @@ def test_flatten_then_dense_matches_numpy(rng, example):
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("shape, resolved", [((4, 5), (4, 5)), ((-1, 5), (4, 5)), ((2, -1, 5), (2, 2, 5)),
-                                             ((20,), (20,)), ((-1,), (20,))])
+@pytest.mark.parametrize("shape, resolved", [((4, 5), (4, 5)), ((2, 2, 5), (2, 2, 5)), ((20,), (20,)),
+                                             ((-1,), (20,))])
 def test_reshape_then_dense_matches_numpy(rng, shape, resolved):
     net = jn.serial(jn.Reshape(shape), jn.Dense(3))
     x = normal(rng, (6, 20))
@@ -301,6 +301,21 @@ def test_reshape_then_dense_matches_numpy(rng, shape, resolved):
     expected = dense_1(np.asarray(x, np.float64).reshape((6,) + resolved), p)
     assert y.shape == (6,) + resolved[:-1] + (3,)
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("shape, resolved", [((-1, 5), (4, 5)), ((2, -1, 5), (2, 2, 5))])
+def test_reshape_with_a_free_size_asks_for_the_batch_axes(rng, shape, resolved):
+    # (6, 20) is six examples of 20 values or one of 120: both fit Dense(3)'s (5, 3) weights
+    net = jn.serial(jn.Reshape(shape), jn.Dense(3))
+    x = normal(rng, (6, 20))
+    params = random_params(net, x[:1], rng)
+    with pytest.raises(jn.ShapeError, match=r"network: an input of shape \(6, 20\) fits these params "
+                                            r"with 0 or 1 leading batch axes, and reshape_1 does not declare"):
+        net.apply(params, x)
+    y = net.apply(params, x, batch_ndim=1)
+    expected = dense_1(np.asarray(x, np.float64).reshape((6,) + resolved), f64(params))
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(net.apply(params, x[0]), y[0], rtol=RTOL, atol=ATOL)  # one reading
 
 
 def test_reshape_alone_infers_examples_from_its_size(rng):

@@ -288,7 +288,7 @@ def test_to_stax_errors(key, rng):
 
 def test_from_stax_inside_jaxnet_serial(key, rng):
     inner_init, inner_apply = stax.serial(stax.Dense(4), stax.Tanh)
-    net = jn.serial(jn.Dense(4), from_stax(inner_init, inner_apply), jn.Dense(4))
+    net = jn.serial(jn.Dense(4), from_stax(inner_init, inner_apply, pointwise=True), jn.Dense(4))
     x = random_inputs(rng, (6, 5))
     params = net.init(key, x[:1])
     assert set(params) == {"dense_1", "stax_1", "dense_2"}
@@ -308,8 +308,8 @@ def test_from_stax_inside_jaxnet_serial(key, rng):
 
 
 def test_from_stax_is_a_hashable_static_value(key, rng):
-    layer = from_stax(*stax.Dense(4), name="head")
-    assert hash(layer) == hash(from_stax(layer.init_fun, layer.apply_fun, name="head"))
+    layer = from_stax(*stax.Dense(4), name="head", pointwise=True)
+    assert hash(layer) == hash(from_stax(layer.init_fun, layer.apply_fun, name="head", pointwise=True))
     net = jn.serial(jn.Dense(4), layer)
     x = random_inputs(rng, (2, 5))
     params = net.init(key, x[:1])
@@ -319,7 +319,7 @@ def test_from_stax_is_a_hashable_static_value(key, rng):
 
 
 def test_from_stax_follows_jaxnet_training_mode(key, rng):
-    net = jn.serial(jn.Dense(4), from_stax(*stax.Dropout(0.5)))
+    net = jn.serial(jn.Dense(4), from_stax(*stax.Dropout(0.5), pointwise=True))
     x = random_inputs(rng, (3, 5))
     params = net.init(key, x[:1])
     hidden = net.layers[0].apply(params["dense_1"], x)
@@ -332,7 +332,7 @@ def test_from_stax_follows_jaxnet_training_mode(key, rng):
 
 
 def test_from_stax_in_a_summary(key):
-    net = jn.serial(jn.Dense(4), from_stax(*stax.serial(stax.Dense(4), stax.Relu)))
+    net = jn.serial(jn.Dense(4), from_stax(*stax.serial(stax.Dense(4), stax.Relu), pointwise=True))
     summary = jn.summarize(net, (3, 5))
     assert [(row.path, row.layer, row.output_shape, row.parameters) for row in summary.rows] == [
         ("dense_1", "Dense(4)", (3, 4), 24), ("stax_1", "from_stax(<serial>)", (3, 4), 20)]
@@ -340,7 +340,7 @@ def test_from_stax_in_a_summary(key):
 
 
 def test_from_stax_without_params_is_left_out_of_the_tree(key, rng):
-    net = jn.serial(jn.Dense(4), from_stax(*stax.Relu))
+    net = jn.serial(jn.Dense(4), from_stax(*stax.Relu, pointwise=True))
     x = random_inputs(rng, (2, 5))
     params = net.init(key, x[:1])
     assert set(params) == {"dense_1"}
@@ -349,7 +349,7 @@ def test_from_stax_without_params_is_left_out_of_the_tree(key, rng):
 
 def test_from_stax_wraps_the_reference_stax(key, rng):
     pair = reference.serial(reference.Dense(4), reference.Relu, reference.Dense(4))
-    net = jn.serial(from_stax(*pair), jn.log_softmax)
+    net = jn.serial(from_stax(*pair, pointwise=True), jn.log_softmax)
     x = random_inputs(rng, (3, 5))
     with permissive():
         params = net.init(key, x[:1])
@@ -359,7 +359,7 @@ def test_from_stax_wraps_the_reference_stax(key, rng):
 
 def test_round_trips(key, rng):
     net = jn.serial(jn.Dense(4), jn.relu, jn.Dense(4))
-    again = from_stax(*to_stax(net))
+    again = from_stax(*to_stax(net), pointwise=True)
     x = random_inputs(rng, (3, 5))
     params = net.init(key, x[:1])
     assert_trees_close(again.init(key, x[:1]), params)
@@ -370,6 +370,17 @@ def test_round_trips(key, rng):
     output_shape, params = init_fun(key, (-1, 5))
     assert output_shape == (-1, 4)
     np.testing.assert_allclose(apply_fun(params, x), pair[1](params, x), rtol=1e-6)
+
+
+def test_from_stax_without_a_declaration_refuses_an_ambiguous_input(key, rng):
+    net = jn.serial(jn.Dense(4), from_stax(*stax.Dense(4)))
+    x = random_inputs(rng, (3, 5))
+    params = net.init(key, x[:1])
+    with pytest.raises(ShapeError, match=r"fits these params with 0 or 1 leading batch axes, and "
+                                         r"stax_1 does not declare how many axes form one example"):
+        net.apply(params, x)
+    np.testing.assert_allclose(net.apply(params, x, batch_ndim=1),
+                               jn.serial(jn.Dense(4), from_stax(*stax.Dense(4), pointwise=True)).apply(params, x))
 
 
 def test_from_stax_errors(key):

@@ -89,10 +89,11 @@ def test_jaxnet_sweep_prints_a_table_and_writes_its_directory(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--seeds", "0"], "seeds must be a positive integer, got 0"),
-    (["--lr", "1e-3,-1"], "lr must be a positive number, got -1.0"),
+    (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
+    (["--lr", "1e-3,-1"], "--lr must be a positive number, got -1.0"),
     (["--weight-decay", "x"], "argument --weight-decay: expected comma-separated numbers, got 'x'"),
-    (["--init-scale", "0"], "init-scale must be a positive number, got 0.0"),
+    (["--init-scale", "0"], "--init-scale must be a positive number, got 0.0"),
+    (["--dataset", "npz", "--data", "/nonexistent/data.npz"], "/nonexistent/data.npz"),
 ])
 def test_jaxnet_sweep_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, message):
     out = tmp_path / "sweep"

@@ -1,4 +1,6 @@
-"""The ``jaxnet`` command: ``train``, ``eval``, ``predict``, ``summary``, ``bench``.
+"""The ``jaxnet`` command: ``train``, ``eval``, ``predict``, ``sweep``, ``summary``.
+
+(Benchmarks are not part of the package; they run with ``python benchmarks/run.py``.)
 
 Bad arguments or data give one line on stderr and exit status 2, never a traceback.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -58,43 +61,69 @@ def _float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+_HELP = {  # options that several commands share
+    "epochs": "passes over the training set",
+    "batch_size": "examples per training step",
+    "lr": "learning rate (the peak, with the cosine schedule)",
+    "optimizer": "the optax optimizer (momentum: SGD with momentum 0.9)",
+    "weight_decay": "weight decay (decoupled for adamw, added to the gradient otherwise)",
+    "schedule": "cosine: the learning rate decays to 0 over the run",
+    "seed": "seed of the initial parameters, the shuffling and dropout",
+    "standardize": "feed raw inputs (pixels in [0, 1]) instead of standardised ones",
+    "precision": "bf16: float32 params and loss, bfloat16 forward pass",
+    "progress": "no progress bar (nor, when stderr is not a terminal, one line per epoch)",
+}
+
+
 def _add_model_options(parser: argparse.ArgumentParser, defaults, drop_rate: bool = True) -> None:
     _add_config_option(parser, "--dataset", defaults.dataset,
+                       "the data set (npz: your own, see --data)",
                        choices=("digits", "fashion-mnist", "mnist", "npz"))
-    parser.add_argument("--data-dir", help="directory of MNIST-format IDX files")
-    parser.add_argument("--data", help="the .npz file for --dataset npz "
+    parser.add_argument("--data-dir", metavar="DIR", help="directory of MNIST-format IDX files")
+    parser.add_argument("--data", metavar="FILE.npz", help="the .npz file for --dataset npz "
                                        "(arrays x_train, y_train, x_test, y_test)")
-    _add_config_option(parser, "--model", defaults.model, choices=("mlp", "cnn"))
+    _add_config_option(parser, "--model", defaults.model,
+                       "mlp: dense layers (--hidden); cnn: two convolutions and a dense layer",
+                       choices=("mlp", "cnn"))
     _add_config_option(parser, "--hidden", defaults.hidden, "hidden widths of the MLP, e.g. 512,512",
-                       type=_int_list)
+                       type=_int_list, metavar="W,W,...")
     _add_config_option(parser, "--activation", defaults.activation,
+                       "the hidden layers' activation",
                        choices=("relu", "sigmoid", "tanh", "gelu", "silu", "elu"))
     if drop_rate:
-        _add_config_option(parser, "--drop-rate", defaults.drop_rate, type=float)
+        _add_config_option(parser, "--drop-rate", defaults.drop_rate,
+                           "dropout rate (MLP: after each hidden layer; CNN: before each dense "
+                           "layer)", type=float, metavar="P")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxnet`` command line: one subparser per command."""
     from jaxnet.precision import TRAINING_PRECISIONS
     from jaxnet.app.run import OPTIMIZERS, SCHEDULES, RunConfig
     from jaxnet.train import ON_NAN
 
     defaults = RunConfig()
     parser = _Parser(prog="jaxnet", description="Train and evaluate jaxnet networks.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                     metavar="COMMAND", help="what to do")
 
     train = commands.add_parser("train", help="train a network and write a run directory")
     _add_model_options(train, defaults)
     _add_config_option(train, "--init-scale", defaults.init_scale,
-                       "factor on every initial parameter", type=float)
-    _add_config_option(train, "--epochs", defaults.epochs, type=int)
-    _add_config_option(train, "--batch-size", defaults.batch_size, type=int)
-    _add_config_option(train, "--lr", defaults.lr, type=float)
-    _add_config_option(train, "--optimizer", defaults.optimizer, choices=OPTIMIZERS)
-    _add_config_option(train, "--weight-decay", defaults.weight_decay, type=float)
-    _add_config_option(train, "--schedule", defaults.schedule, choices=SCHEDULES)
-    _add_config_option(train, "--seed", defaults.seed, type=int)
+                       "factor on every initial parameter", type=float, metavar="S")
+    _add_config_option(train, "--epochs", defaults.epochs, _HELP["epochs"], type=int, metavar="N")
+    _add_config_option(train, "--batch-size", defaults.batch_size, _HELP["batch_size"], type=int,
+                       metavar="N")
+    _add_config_option(train, "--lr", defaults.lr, _HELP["lr"], type=float, metavar="LR")
+    _add_config_option(train, "--optimizer", defaults.optimizer, _HELP["optimizer"],
+                       choices=OPTIMIZERS)
+    _add_config_option(train, "--weight-decay", defaults.weight_decay, _HELP["weight_decay"],
+                       type=float, metavar="W")
+    _add_config_option(train, "--schedule", defaults.schedule, _HELP["schedule"],
+                       choices=SCHEDULES)
+    _add_config_option(train, "--seed", defaults.seed, _HELP["seed"], type=int, metavar="S")
     train.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
-                       help="feed raw [0, 1] pixels instead of standardised inputs")
+                       help=_HELP["standardize"])
     _add_config_option(train, "--checkpoint-every", defaults.checkpoint_every,
                        "save the whole training state every N epochs in OUT/checkpoints; 0: never",
                        type=int, metavar="N")
@@ -102,8 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                        "how many of the newest checkpoints to keep", type=int, metavar="K")
     _add_config_option(train, "--on-nan", defaults.on_nan,
                        "on a NaN or infinite loss: stop, or skip the batch's update", choices=ON_NAN)
-    _add_config_option(train, "--precision", defaults.precision,
-                       "bf16: float32 params and loss, bfloat16 forward pass", choices=TRAINING_PRECISIONS)
+    _add_config_option(train, "--precision", defaults.precision, _HELP["precision"],
+                       choices=TRAINING_PRECISIONS)
     _add_config_option(train, "--devices", "all local devices",
                        "train data-parallel on N devices of each process", type=int, metavar="N")
     cluster = train.add_argument_group(
@@ -111,16 +140,20 @@ def _parser() -> argparse.ArgumentParser:
         "from JAXNET_COORDINATOR, JAXNET_NUM_PROCESSES, JAXNET_PROCESS_ID")
     cluster.add_argument("--coordinator", metavar="HOST:PORT",
                          help="address of process 0, the same for every process")
-    cluster.add_argument("--num-processes", type=int, metavar="N")
+    cluster.add_argument("--num-processes", type=int, metavar="N",
+                         help="number of processes, the same for every process")
     cluster.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
-    train.add_argument("--out", type=Path, help="run directory (default runs/DATASET-MODEL-TIME)")
+    train.add_argument("--out", type=Path, metavar="DIR",
+                       help="run directory (default runs/DATASET-MODEL-TIME)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR",
                        help="continue RUN_DIR, killed or stopped, from its latest checkpoint with "
                             "its own config.json (takes no other training options)")
-    train.add_argument("--no-progress", dest="progress", action="store_false")
+    train.add_argument("--no-progress", dest="progress", action="store_false",
+                       help=_HELP["progress"])
 
     evaluate = commands.add_parser("eval", help="test metrics and confusion matrix of a run")
-    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                          help="a finished run directory (from jaxnet train)")
 
     predict = commands.add_parser(
         "predict", help="a run's outputs for the inputs in a .npy file, written to a .npy file",
@@ -128,14 +161,18 @@ def _parser() -> argparse.ArgumentParser:
                     "floats: as jaxnet.data gives them, e.g. in [0, 1]), shaped (n, *example), "
                     "(n, *example without a channel axis of 1) or (n, features); the run's "
                     "standardisation is applied. Memory-mapped: any number of inputs.")
-    predict.add_argument("run_dir", type=Path)
-    predict.add_argument("--input", type=Path, required=True, metavar="X.npy")
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                         help="a finished run directory (from jaxnet train)")
+    predict.add_argument("--input", type=Path, required=True, metavar="X.npy",
+                         help="the inputs, a .npy file (memory-mapped)")
     predict.add_argument("--output", type=Path, required=True, metavar="P.npy",
                          help="(n, classes) float32; written only when complete")
     predict.add_argument("--proba", action="store_true",
                          help="write probabilities (softmax) instead of logits")
-    predict.add_argument("--batch-size", type=int, default=8192, help="inputs per compiled call")
-    predict.add_argument("--no-progress", dest="progress", action="store_false")
+    predict.add_argument("--batch-size", type=int, default=8192, metavar="N",
+                         help="inputs per compiled call (default: 8192)")
+    predict.add_argument("--no-progress", dest="progress", action="store_false",
+                         help="no progress bar")
 
     sweep = commands.add_parser(
         "sweep", help="train a grid of seeds and hyperparameters at once, as one population",
@@ -148,26 +185,32 @@ def _parser() -> argparse.ArgumentParser:
     for flag, name in (("--lr", "lr"), ("--weight-decay", "weight_decay"),
                        ("--drop-rate", "drop_rate"), ("--init-scale", "init_scale")):
         sweep.add_argument(flag, dest=f"grid_{name}", type=_float_list, metavar="A,B,...",
-                           help=f"values to try (default: {getattr(defaults, name)})")
-    for flag in ("--epochs", "--batch-size", "--seed"):
-        _add_config_option(sweep, flag, getattr(defaults, flag[2:].replace("-", "_")), type=int)
-    _add_config_option(sweep, "--optimizer", defaults.optimizer, choices=OPTIMIZERS)
-    _add_config_option(sweep, "--schedule", defaults.schedule, choices=SCHEDULES)
-    _add_config_option(sweep, "--precision", defaults.precision, choices=TRAINING_PRECISIONS)
-    sweep.add_argument("--no-standardize", dest="standardize", action="store_false", default=None)
+                           help=f"{flag[2:]} values to try (default: {getattr(defaults, name)})")
+    for flag, metavar in (("--epochs", "N"), ("--batch-size", "N"), ("--seed", "S")):
+        name = flag[2:].replace("-", "_")
+        _add_config_option(sweep, flag, getattr(defaults, name), _HELP[name], type=int,
+                           metavar=metavar)
+    _add_config_option(sweep, "--optimizer", defaults.optimizer, _HELP["optimizer"],
+                       choices=OPTIMIZERS)
+    _add_config_option(sweep, "--schedule", defaults.schedule, _HELP["schedule"],
+                       choices=SCHEDULES)
+    _add_config_option(sweep, "--precision", defaults.precision, _HELP["precision"],
+                       choices=TRAINING_PRECISIONS)
+    sweep.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
+                       help=_HELP["standardize"])
     sweep.add_argument("--shared-order", action="store_true",
                        help="every member sees the same batches (faster); by default each "
                             "shuffles with its own seed, as jaxnet train does")
-    sweep.add_argument("--out", type=Path, help="sweep directory (default runs/sweep-DATASET-TIME)")
-    sweep.add_argument("--no-progress", dest="progress", action="store_false")
+    sweep.add_argument("--out", type=Path, metavar="DIR",
+                       help="sweep directory (default runs/sweep-DATASET-TIME)")
+    sweep.add_argument("--no-progress", dest="progress", action="store_false",
+                       help=_HELP["progress"])
 
     summary = commands.add_parser("summary", help="the model table (of a run, or from options)")
-    summary.add_argument("run_dir", type=Path, nargs="?")
+    summary.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR",
+                         help="a run directory; without it, the model the options describe")
     _add_model_options(summary, defaults)
 
-    bench = commands.add_parser("bench", help="jaxnet against hand-written raw JAX, side by side")
-    bench.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    bench.add_argument("--quick", action="store_true", help="fewer rounds and steps (~1 minute)")
     return parser
 
 
@@ -179,11 +222,45 @@ def _config_from(args) -> "RunConfig":
 
 
 def _new_run_dir(args, config) -> Path:
+    """The run directory to write; ``train`` creates it once the data and model are ready."""
     out = args.out or Path("runs") / f"{config.dataset}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / "config.json").exists():
         raise UsageError(f"{out} already holds a run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: not a directory")
     return out
+
+
+class _RemovedIfUnused:
+    """On failure before results are written, removes what a command made: the files it writes
+    first (``start_files``, ``metrics.jsonl`` still empty) and the directories it created
+    (``out`` and any missing parents); a directory that was there before stays."""
+
+    def __init__(self, out: Path | None, start_files: tuple[str, ...]):
+        self.out, self.start_files = out, start_files
+        self.created = [] if out is None else [p for p in (out, *out.parents) if not p.exists()]
+        self.before = set() if out is None or not out.is_dir() else set(out.iterdir())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        stopped = kind is None or issubclass(kind, (KeyboardInterrupt, FloatingPointError))
+        if stopped or self.out is None:
+            return False  # stopped by hand or diverged in training: kept (to resume, to inspect)
+        if self.out.is_dir():
+            new = set(self.out.iterdir()) - self.before
+            if any(p.name not in self.start_files or not p.is_file() or
+                   (p.name == "metrics.jsonl" and p.stat().st_size) for p in new):
+                return False  # results were written: kept for inspection
+            for p in new:
+                p.unlink()
+        for directory in self.created:  # out first, then the parents this command made
+            try:
+                directory.rmdir()
+            except OSError:  # missing, or not empty (another process wrote there)
+                break
+        return False
 
 
 def _given_options(args) -> list[str]:
@@ -211,8 +288,10 @@ def cmd_train(args, console: Console) -> None:
         config = _config_from(args)
         out = _new_run_dir(args, config) if main_process else None
     start = time.perf_counter()
-    _, history, _, dataset = train(config, out, progress=args.progress,
-                                   resume=args.resume is not None)
+    with _RemovedIfUnused(None if args.resume is not None else out,
+                          ("config.json", "metrics.jsonl")):
+        _, history, _, dataset = train(config, out, progress=args.progress,
+                                       resume=args.resume is not None)
     if not main_process:
         return
     last = history[-1]
@@ -284,8 +363,9 @@ def cmd_sweep(args, console: Console) -> None:
     if (out / "sweep.json").exists():
         raise UsageError(f"{out} already holds a sweep; choose another --out")
     sweep_configs(base, args.seeds, grid)  # bad values fail here, before any file is written
-    results = sweep(base, args.seeds, grid, out, shared_order=args.shared_order,
-                    progress=args.progress)
+    with _RemovedIfUnused(out, ("sweep.json", "metrics.jsonl")):
+        results = sweep(base, args.seeds, grid, out, shared_order=args.shared_order,
+                        progress=args.progress)
     rows = format_settings(results, tuple(grid) or ("lr",))  # the hyperparameters swept
     table = Table(title=f"{len(results['members'])} members, {base.epochs} epochs, "
                         f"{results['seconds']:.1f} s")
@@ -315,34 +395,49 @@ def cmd_summary(args, console: Console) -> None:
     console.print(str(summarize(net, (1,) + example_shape)), highlight=False)
 
 
-def cmd_bench(args, console: Console) -> None:
-    from benchmarks.harness import format_table, run_benchmarks, write_json
-
-    if args.json is not None and not args.json.parent.is_dir():
-        raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist")
-    # as written: no markup (notes say "pip install -e '.[peers]'"), table rows not wrapped
-    plain = dict(highlight=False, markup=False, soft_wrap=True)
-    results = run_benchmarks(quick=args.quick, log=lambda line: console.print(line, **plain))
-    console.print(format_table(results), **plain)
-    if args.json is not None:
-        write_json(results, args.json)
-        console.print(f"results: {args.json}")
-
-
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "sweep": cmd_sweep,
-            "summary": cmd_summary, "bench": cmd_bench}
+            "summary": cmd_summary}
+
+
+# Names in the library's and RunConfig's messages, and the flags that set them.
+_FLAGS = {"batch_size": "--batch-size", "batch-size": "--batch-size", "epochs": "--epochs",
+          "hidden": "--hidden", "hidden sizes": "--hidden sizes", "lr": "--lr",
+          "learning_rate": "--lr", "weight_decay": "--weight-decay",
+          "weight-decay": "--weight-decay", "drop_rate": "--drop-rate", "drop-rate": "--drop-rate",
+          "init_scale": "--init-scale", "init-scale": "--init-scale", "seeds": "--seeds",
+          "checkpoint-every": "--checkpoint-every", "keep-checkpoints": "--keep-checkpoints",
+          "on_nan": "--on-nan", "on-nan": "--on-nan", "precision": "--precision",
+          "devices": "--devices", "num-processes": "--num-processes",
+          "process-id": "--process-id", "coordinator": "--coordinator"}
+_NAMED = re.compile(r"(?:(?:fit|fit_population|predict|data_mesh|sweep|train): )?"
+                    r"(?P<name>[a-z_-]+(?: sizes)?)(?P<rest>(?: must |: | -?\d+ does not ).*)",
+                    re.S)
+
+
+def _with_flag_names(message: str) -> str:
+    """A message that starts with an argument's name (``fit: batch_size must be ...``,
+    ``epochs must be ...``), with the command-line flag instead (``--batch-size must be ...``)."""
+    match = _NAMED.fullmatch(message)
+    if match is None or match["name"] not in _FLAGS:
+        return message
+    return _FLAGS[match["name"]] + match["rest"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxnet`` command; returns the exit status."""
     from jaxnet.data import DataError
+    from jaxnet.host_memory import keep_freed_host_memory
 
-    console = Console()
+    keep_freed_host_memory()  # the command opts in (JAXNET_HOST_MALLOC=default opts out)
+    # logs and pipes get whole lines; a terminal, lines wrapped at its width
+    console = Console(soft_wrap=not sys.stdout.isatty())
     try:
-        args = _parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
         COMMANDS[args.command](args, console)
     except (UsageError, DataError, ValueError, TypeError, OSError, FloatingPointError) as error:
         message = " ".join(str(error).split())
+        if isinstance(error, (ValueError, TypeError)) and not isinstance(error, DataError):
+            message = _with_flag_names(message)
         print(f"jaxnet: error: {message}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

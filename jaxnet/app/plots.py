@@ -1,19 +1,35 @@
-"""Learning curves: loss and accuracy by epoch, train and test, as a PNG."""
+"""Learning curves: loss and accuracy by epoch, train and test, as a PNG.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and rendered straight to PNG bytes,
+without pyplot: nothing here switches matplotlib's process-wide backend or registers figures
+with pyplot, so a program (or notebook) that imports this keeps its own plotting setup. Each
+PNG is written atomically (:func:`jaxnet.tensorfile.atomic_write`): a failure leaves the old
+file, or none, never a truncated one.
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
+from jaxnet.tensorfile import atomic_write
+
+
+def save_figure(figure: Figure, path, dpi: int = 100) -> None:
+    """Renders ``figure`` to PNG (with the Agg renderer, whatever the backend) and writes it to
+    ``path`` atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    atomic_write(Path(path), buffer.getvalue())
 
 
 def plot_curves(history: list[dict], path, title: str = "") -> None:
     """Writes loss (left) and accuracy (right) per epoch from ``fit``'s history to ``path``."""
     epochs = [record["epoch"] for record in history]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for split in ("train", "test"):
             key = f"{split}_{metric}"
@@ -26,8 +42,7 @@ def plot_curves(history: list[dict], path, title: str = "") -> None:
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(Path(path), dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_population(history: list[dict], labels: list[str], path, title: str = "") -> None:
@@ -39,7 +54,8 @@ def plot_population(history: list[dict], labels: list[str], path, title: str = "
     """
     epochs = [record["epoch"] for record in history]
     colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    axes = figure.subplots(1, 2)
     for ax, key in zip(axes, ("train_loss", "test_accuracy")):
         shown = set()
         for i, label in enumerate(labels):
@@ -55,5 +71,4 @@ def plot_population(history: list[dict], labels: list[str], path, title: str = "
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(Path(path), dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)

@@ -182,7 +182,8 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
     Args:
       config: the run's settings.
       out_dir: the run directory (written as the run goes), or None to write nothing.
-      progress: show a progress bar (default: when stderr is a terminal).
+      progress: show a progress bar; where stderr is not a terminal, ``True`` prints one line
+        per epoch instead (default: a bar when stderr is a terminal, else nothing).
       resume: continue the run in ``out_dir`` (whose ``config.json`` must hold ``config``) from
         its latest checkpoint, or from the start when it has none; ``metrics.jsonl`` is cut back
         to that checkpoint's epoch first. The result is bitwise that of an uninterrupted run.

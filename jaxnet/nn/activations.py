@@ -7,7 +7,7 @@ last axis.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, ClassVar
 
 import jax
 
@@ -28,6 +28,7 @@ class Activation(Layer):
 
     fn: Callable[[jax.Array], jax.Array]
     name: str | None = None
+    pointwise: ClassVar[bool] = True
 
     def __post_init__(self):
         if not callable(self.fn):

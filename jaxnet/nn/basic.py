@@ -41,6 +41,7 @@ class Dense(Layer):
     use_bias: bool = True
     weight_init: Any = "lecun_normal"
     kind: ClassVar[str] = "dense"
+    pointwise: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("Dense", "features", self.features)
@@ -80,6 +81,7 @@ class Embedding(Layer):
     num_embeddings: int
     features: int
     kind: ClassVar[str] = "embedding"
+    pointwise: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("Embedding", "num_embeddings", self.num_embeddings)
@@ -166,6 +168,7 @@ class Dropout(Layer):
 
     drop_rate: float
     kind: ClassVar[str] = "dropout"
+    pointwise: ClassVar[bool] = True
 
     def __post_init__(self):
         if not isinstance(self.drop_rate, (int, float)) or not 0 <= self.drop_rate < 1:

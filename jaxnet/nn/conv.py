@@ -100,6 +100,10 @@ class Conv(Layer):
     weight_init: Any = "lecun_normal"
     kind: ClassVar[str] = "conv"
 
+    @property
+    def example_ndim(self) -> int:  # type: ignore[override]
+        return len(self.kernel_size) + 1
+
     def __post_init__(self):
         if isinstance(self.kernel_size, (int, np.integer)):
             raise ValueError(f"Conv: kernel_size needs one size per spatial axis, e.g. (3, 3), got "
@@ -184,6 +188,10 @@ class _Pool(Layer):
         object.__setattr__(self, "strides", window if self.strides is None
                            else _as_tuple(name, "strides", self.strides, len(window)))
         object.__setattr__(self, "padding", _as_padding(name, self.padding, len(window)))
+
+    @property
+    def example_ndim(self) -> int:  # type: ignore[override]
+        return len(self.window_shape) + 1
 
     def init_params(self, key, x):
         ndim = len(self.window_shape)

@@ -112,6 +112,12 @@ class Layer:
     """
 
     kind: ClassVar[str] = "layer"
+    #: The rank of one example the layer takes, e.g. 2 for ``(time, features)``; the library
+    #: refuses inputs of other ranks. ``None``: any rank (then declare ``pointwise`` if it fits).
+    example_ndim: ClassVar[int | None] = None
+    #: True when the layer treats every position along the leading axes of an example
+    #: independently (Dense, activations, LayerNorm), so any reading of the batch axes agrees.
+    pointwise: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -186,8 +192,10 @@ class Layer:
         Returns:
           ``(params, state)``; ``state`` is ``{}`` for networks without stateful layers.
         """
-        spec = as_spec(x)
-        if spec.ndim < 1:
+        from jaxnet.nn.shapes import input_spec  # shapes builds on this module
+
+        spec = input_spec(x)
+        if any(leaf.ndim < 1 for leaf in jax.tree.leaves(spec)):
             raise ShapeError(
                 f"{self._top_path() or 'network'}: init expects an example batch with a leading "
                 "batch axis (e.g. x[:1]); got a scalar")
@@ -195,15 +203,18 @@ class Layer:
         return params, state
 
     def apply(self, params: Params, x: Array, *, key: Array | None = None,
-              train: bool = False) -> Array:
+              train: bool = False, batch_ndim: int | None = None) -> Array:
         """Runs the network.
 
         Args:
           params: the tree returned by :meth:`init`.
           x: one example ``(*example)`` or inputs with any leading batch axes
-            ``(*batch, *example)``; the example rank is inferred from ``params``.
+            ``(*batch, *example)``; the number of batch axes is inferred from ``params``
+            (an ambiguous reading raises). A pytree of such arrays (tuple, dict) for networks
+            with several inputs; its leaves share the batch axes.
           key: PRNG key, required in training mode by stochastic layers (Dropout).
           train: training mode.
+          batch_ndim: the number of leading batch axes, when known (skips the inference).
 
         Returns:
           ``(*batch, *output)``: the output for each example.
@@ -213,12 +224,12 @@ class Layer:
             raise ValueError(
                 f"{self._top_path() or 'network'}: this network keeps state ({stateful}); use "
                 f"init_with_state(key, x) and apply_with_state(params, state, x, ...)")
-        return self.apply_with_state(params, {}, x, key=key, train=train)[0]
+        return self.apply_with_state(params, {}, x, key=key, train=train, batch_ndim=batch_ndim)[0]
 
     def apply_with_state(self, params: Params, state: State, x: Array, *,
                          key: Array | None = None, train: bool = False,
-                         drop_rate: Array | float | None = None, reverse_only: bool = False
-                         ) -> tuple[Array, State]:
+                         drop_rate: Array | float | None = None, reverse_only: bool = False,
+                         batch_ndim: int | None = None) -> tuple[Array, State]:
         """Runs the network with explicit state.
 
         Args:
@@ -238,12 +249,18 @@ class Layer:
         Returns:
           ``(y, new_state)`` with ``y`` of shape ``(*batch, *output)``.
         """
-        from jaxnet.nn.shapes import infer_example_ndim  # shapes builds on this module
+        from jaxnet.nn.shapes import describe_input, infer_batch_ndim
 
-        x = jnp.asarray(x)
-        example_ndim = infer_example_ndim(self, params, state, x)
-        batch_shape = x.shape[:x.ndim - example_ndim]
-        batched = x.reshape((math.prod(batch_shape),) + x.shape[len(batch_shape):])
+        x = jax.tree.map(jnp.asarray, x)
+        if batch_ndim is None:
+            batch_ndim = infer_batch_ndim(self, params, state, x)
+        batch_shapes = {tuple(leaf.shape[:batch_ndim]) for leaf in jax.tree.leaves(x)}
+        if len(batch_shapes) != 1:
+            raise ShapeError(f"{self._top_path() or 'network'}: the inputs' leading {batch_ndim} "
+                             f"batch axes differ: {describe_input(x)}")
+        batch_shape = batch_shapes.pop()
+        batched = jax.tree.map(
+            lambda leaf: leaf.reshape((math.prod(batch_shape),) + leaf.shape[batch_ndim:]), x)
         if key is not None:
             key = check_key(key)
         if drop_rate is not None:
@@ -251,11 +268,13 @@ class Layer:
         with _tracing(drop_rate=drop_rate, reverse_only=reverse_only):
             y, new_state = apply_child(self, self._top_path(), params, state, batched,
                                        train=train, key=key)
-        return y.reshape(batch_shape + y.shape[1:]), new_state
+        return jax.tree.map(lambda leaf: leaf.reshape(batch_shape + leaf.shape[1:]), y), new_state
 
     def output_shape(self, x) -> jax.ShapeDtypeStruct:
         """The output's shape and dtype for inputs like ``x`` (a batch or its shape), without computing."""
-        spec = as_spec(x)
+        from jaxnet.nn.shapes import input_spec
+
+        spec = input_spec(x)
         params, state = jax.eval_shape(lambda k: self.init_with_state(k, spec), jax.random.key(0))
         y, _ = jax.eval_shape(lambda p, s, v: self.apply_with_state(p, s, v), params, state, spec)
         return y
@@ -290,6 +309,9 @@ def init_child(child: Layer, name: str, key: Array,
     path = join_path(_TRACE.get().path, name)
     with _tracing(path=path, record=None), _located(path or child.kind):
         params, state = child.init_params(key, x)
+        if child.example_ndim is not None and hasattr(x, "shape") and x.ndim - 1 != child.example_ndim:
+            raise ShapeError(f"expected examples of rank {child.example_ndim}; got examples of "
+                             f"shape {shape_str(x.shape[1:])} (rank {x.ndim - 1})")
         y, _ = jax.eval_shape(lambda p, s, v: child.forward(p, s, v, train=False, key=None),
                               params, state, x)
     return params, state, y

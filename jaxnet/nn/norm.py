@@ -1,4 +1,4 @@
-"""Normalisation: LayerNorm (per example) and BatchNorm (batch statistics, running state)."""
+"""Normalisation: LayerNorm, RMSNorm, GroupNorm (per example); BatchNorm (batch statistics, running state)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnet.nn.layer import Layer, broadcast_trailing, require_feature_axis, require_floating
+from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, require_feature_axis,
+                             require_floating)
 
 
 def statistics_dtype(dtype):
@@ -58,6 +59,7 @@ class LayerNorm(Layer):
     use_scale: bool = True
     use_bias: bool = True
     kind: ClassVar[str] = "layer_norm"
+    pointwise: ClassVar[bool] = True
 
     def __post_init__(self):
         if not self.epsilon > 0:
@@ -101,6 +103,7 @@ class BatchNorm(Layer):
     use_bias: bool = True
     axis_name: str | None = None
     kind: ClassVar[str] = "batch_norm"
+    pointwise: ClassVar[bool] = True
 
     def __post_init__(self):
         if not 0 <= self.momentum < 1:
@@ -135,3 +138,104 @@ class BatchNorm(Layer):
         new_state = {name: self.momentum * state[name] + (1 - self.momentum) * lax.stop_gradient(batch)
                      for name, batch in (("mean", mean), ("var", var))}
         return _normalise(xs, mean, var, params, self.epsilon).astype(x.dtype), new_state
+
+
+def _check_epsilon(layer: str, epsilon) -> None:
+    if not isinstance(epsilon, (int, float)) or not epsilon > 0:
+        raise ValueError(f"{layer}: epsilon must be a positive number, got {epsilon!r}")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class RMSNorm(Layer):
+    """Scales each position by the reciprocal root mean square of its last axis: no centring, no bias.
+
+    ``y = x / sqrt(mean(x**2, axis=-1) + epsilon) * scale``.
+
+    Args:
+      epsilon: added to the mean square.
+      use_scale: multiply by the learned ``scale``.
+
+    Shapes:
+      x: ``(batch, ..., features)`` floating -> same shape and dtype; params ``scale:
+      (features,)`` in x's dtype. Computed in float32 for bfloat16 and float16 inputs, the
+      result rounded once.
+    """
+
+    epsilon: float = 1e-6
+    use_scale: bool = True
+    kind: ClassVar[str] = "rms_norm"
+    pointwise: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _check_epsilon("RMSNorm", self.epsilon)
+
+    def init_params(self, key, x):
+        require_floating(x)
+        require_feature_axis(x)
+        return _scale_and_bias(x, self.use_scale, False), {}
+
+    def forward(self, params, state, x, *, train, key):
+        xs = x.astype(statistics_dtype(x.dtype))
+        mean_square = jnp.mean(jnp.square(xs), axis=-1, keepdims=True)
+        y = xs * lax.rsqrt(mean_square + self.epsilon)
+        if "scale" in params:
+            y = y * broadcast_trailing(params["scale"].astype(y.dtype), y)
+        return y.astype(x.dtype), state
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GroupNorm(Layer):
+    """Normalises each example over groups of channels and all its other axes, then scales and shifts.
+
+    Channels (the last axis) are split into ``num_groups`` consecutive groups; each group of
+    each example is normalised with its mean and variance over the group's channels and every
+    spatial position. ``num_groups=1`` normalises whole examples (LayerNorm over all axes);
+    ``num_groups=channels`` is instance normalisation. Statistics never mix examples.
+
+    The example rank is not fixed (``(channels,)``, ``(length, channels)``, ``(h, w, channels)``):
+    inside a network with convolutions it follows from them; alone, pass ``batch_ndim=1`` to
+    ``apply``.
+
+    Args:
+      num_groups: number of channel groups; must divide the channels.
+      epsilon: added to the variance.
+      use_scale, use_bias: the learned per-channel ``scale`` and ``bias``.
+
+    Shapes:
+      x: ``(batch, *spatial, channels)`` floating -> same shape and dtype; params ``scale``,
+      ``bias``: ``(channels,)`` in x's dtype. Computed in float32 for bfloat16 and float16 inputs.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    kind: ClassVar[str] = "group_norm"
+
+    def __post_init__(self):
+        if (isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int)
+                or self.num_groups <= 0):
+            raise ValueError(f"GroupNorm: num_groups must be a positive integer, got {self.num_groups!r}")
+        _check_epsilon("GroupNorm", self.epsilon)
+
+    def init_params(self, key, x):
+        require_floating(x)
+        require_feature_axis(x)
+        if x.shape[-1] % self.num_groups:
+            raise ShapeError(f"num_groups={self.num_groups} must divide the {x.shape[-1]} channels "
+                             f"(last axis of examples of shape {tuple(x.shape[1:])})")
+        return _scale_and_bias(x, self.use_scale, self.use_bias), {}
+
+    def forward(self, params, state, x, *, train, key):
+        xs = x.astype(statistics_dtype(x.dtype))
+        channels = x.shape[-1]
+        grouped = xs.reshape(x.shape[:-1] + (self.num_groups, channels // self.num_groups))
+        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)  # spatial and in-group
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        var = jnp.var(grouped, axis=axes, keepdims=True)
+        y = ((grouped - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        if "scale" in params:
+            y = y * broadcast_trailing(params["scale"].astype(y.dtype), y)
+        if "bias" in params:
+            y = y + broadcast_trailing(params["bias"].astype(y.dtype), y)
+        return y.astype(x.dtype), state
