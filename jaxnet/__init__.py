@@ -24,7 +24,7 @@ from jaxnet.precision import Policy, get_policy
 from jaxnet.stax import from_stax, to_stax
 from jaxnet.train import TrainState, evaluate, fit, init_train_state, make_train_step
 
-__version__ = "0.1.0"
+from jaxnet._version import __version__
 
 __all__ = [
     *_layer_names,

@@ -38,6 +38,8 @@ import optax
 import safetensors
 import safetensors.numpy
 
+from jaxnet._version import __version__
+from jaxnet.validate import positive_int
 from jaxnet.tensorfile import current_umask, atomic_write, fsync_directory, named_leaves
 
 FORMAT = "jaxnet-checkpoint"
@@ -93,8 +95,8 @@ def save_checkpoint(directory, state, *, metadata: dict[str, Any] | None = None,
         depends on how far the save got, and if it is listed it is complete.
     """
     directory = Path(directory)
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"save_checkpoint: keep must be a positive integer or None, got {keep!r}")
+    if keep is not None:
+        positive_int("save_checkpoint", "keep", keep)
     step = int(state.step)
     final = directory / f"ckpt-{step:06d}"
     if final.exists():
@@ -106,7 +108,7 @@ def save_checkpoint(directory, state, *, metadata: dict[str, Any] | None = None,
         "tensor_file": {"name": TENSOR_FILE, "bytes": len(tensor_bytes),
                         "sha256": hashlib.sha256(tensor_bytes).hexdigest()},
         "leaves": leaves, "metadata": metadata or {},
-        "versions": {"jaxnet": _jaxnet_version(), "jax": jax.__version__,
+        "versions": {"jaxnet": __version__, "jax": jax.__version__,
                      "optax": optax.__version__, "safetensors": safetensors.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -163,11 +165,6 @@ def _delete(checkpoint: Path) -> None:
 def _manifest_digest(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _jaxnet_version() -> str:
-    from jaxnet import __version__
-    return __version__
 
 
 # --- finding ------------------------------------------------------------------------------------

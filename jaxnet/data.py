@@ -27,7 +27,7 @@ import numpy as np
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("digits", "fashion-mnist", "mnist", "npz")
 
-# IDX type codes (http://yann.lecun.com/exdb/mnist/); multi-byte values are big-endian.
+# IDX type codes (the MNIST files' format); multi-byte values are big-endian.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -2,16 +2,14 @@
 
 Every call of a compiled program on XLA:CPU allocates its temporary and output buffers with
 ``malloc`` and frees them at the end. glibc returns large freed blocks to the operating system,
-so the next call page-faults the same megabytes in again: for the benchmark CNN (batch 128) that
-cost ~20-25 ms of a ~45 ms training step in a Python loop (65-75 ms per step against 42-48 ms
-with the settings below, measured side by side; ``docs/performance.md``). Inside ``fit``'s
-``lax.scan`` the buffers are reused across steps, so only the first step of an epoch pays.
+so the next call page-faults the same megabytes in again, a large share of a small program's
+time (docs/performance.md, finding 4). Inside ``fit``'s ``lax.scan`` the buffers are reused
+across steps, so only the first step of an epoch pays.
 
 :func:`keep_freed_host_memory` raises glibc's trim threshold, top pad and mmap threshold and
 turns off its per-block ``mmap`` so that freed blocks stay mapped and are reused. (Without the
-last, blocks above 32 MiB, such as a large program's temporaries, were mapped and unmapped on
-every call: in a process alternating the benchmark CNN's step with a bigger program, jaxnet's
-step page-faulted 1,000-10,000 times per call in some runs and took 32-41 ms instead of 30.)
+last, blocks above 32 MiB, such as a large program's temporaries, are mapped and unmapped on
+every call, and a small program run alternately with a bigger one page-faults again; finding 4.)
 glibc still maps memory where its heaps cannot grow, so allocations do not fail for it. The
 setting is process-wide: it speeds up every JAX program in the
 process (a raw-JAX reference benchmarked alongside benefits equally) and keeps the process's

@@ -30,6 +30,7 @@ import numpy as np
 from jaxnet._xla import options as xla_options
 from jaxnet.nn.layer import Layer, Params, State, shape_str
 from jaxnet.nn.shapes import infer_example_ndim
+from jaxnet.validate import positive_int
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy
 from jaxnet.tensorfile import current_umask, fsync_directory
 
@@ -37,7 +38,7 @@ Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
 def _forward(params, model_state, x, *, net: Layer, proba: bool, policy: Policy | None = None):
-    y, _ = apply_with_policy(net, policy, params, model_state, x)
+    y, _ = apply_with_policy(net, policy, params, model_state, x, batch_ndim=1)
     return jax.nn.softmax(y, axis=-1) if proba else y
 
 
@@ -93,8 +94,7 @@ class _Plan:
             x = np.asarray(x)
         if len(x.shape) == 0:
             raise ValueError("predict: x must be (n, *example) inputs, got a scalar")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"predict: batch_size must be a positive integer, got {batch_size!r}")
+        positive_int("predict", "batch_size", batch_size)
         if model_state is None:
             if net.has_state:
                 raise ValueError("predict: this network keeps state (e.g. BatchNorm statistics); "

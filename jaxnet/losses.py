@@ -27,6 +27,20 @@ def check_labels(labels, num_classes: int, what: str = "labels") -> None:
                          f"found {labels.flat[i]} at index {i} ({bad.size} out of range)")
 
 
+def check_per_example(losses, n: int, where: str) -> jax.Array:
+    """``losses`` if its shape is ``(n,)``, one loss per example, else a ``ValueError``.
+
+    A loss that returns the batch's mean (a scalar) or per-token values would otherwise be
+    weighted and counted wrongly without any error.
+    """
+    if jnp.shape(losses) != (n,):
+        raise ValueError(
+            f"{where}: loss must return one value per example, shape ({n},); got shape "
+            f"{tuple(jnp.shape(losses))} (use a per-example loss from jaxnet.losses, or reduce "
+            "per-token values to one per example, not to the batch mean)")
+    return losses
+
+
 def _nan_where_out_of_range(losses, labels, num_classes):
     valid = (labels >= 0) & (labels < num_classes)
     return jnp.where(valid, losses, jnp.nan)
@@ -56,6 +70,29 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
     else:
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return _nan_where_out_of_range(losses, labels, num_classes)
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, *,
+                        ignore_label: int = -1) -> jax.Array:
+    """Per-token cross-entropy averaged over each sequence's real tokens: one loss per example.
+
+    Args:
+      logits: ``(batch, time, classes)`` floating (any number of token axes).
+      labels: ``(batch, time)`` integer in ``[0, classes)``; tokens labelled ``ignore_label``
+        (padding) count for nothing.
+
+    Returns:
+      ``(batch,)`` losses: each example's mean over its real tokens (0 for an example without
+      any). A label outside ``[0, classes)`` other than ``ignore_label`` gives NaN.
+    """
+    num_classes = logits.shape[-1]
+    real = labels != ignore_label
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.where(real, labels, 0))
+    losses = jnp.where(real, _nan_where_out_of_range(losses, labels, num_classes), 0.0)
+    token_axes = tuple(range(1, labels.ndim))
+    count = jnp.sum(real, axis=token_axes).astype(losses.dtype)
+    return jnp.sum(losses, axis=token_axes) / jnp.maximum(count, 1)
 
 
 def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -53,8 +53,8 @@ def is_argmax(logits: jax.Array, labels: jax.Array) -> jax.Array:
     The label is the argmax when every class before it has a smaller logit and every class
     after it no larger one; NaN counts as the largest value, the first NaN winning, as in
     ``jnp.argmax``; labels outside ``[0, classes)`` are never the argmax. Elementwise work
-    plus one all-reduction, which XLA:CPU fuses: ~1-3 us less per small training step than the
-    argmax (docs/performance.md, finding 6).
+    plus one all-reduction, which XLA:CPU fuses: cheaper per small training step than the
+    argmax's two outputs (docs/performance.md, finding 6).
 
     Args:
       logits: ``(..., classes)``; labels: ``(...)`` integer.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxnet.nn.layer import Layer, Params, State, check_key, shape_str
 from jaxnet.nn.shapes import infer_example_ndim
-from jaxnet.losses import softmax_cross_entropy
+from jaxnet.losses import check_per_example, softmax_cross_entropy
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -28,7 +28,7 @@ Loss = Callable[[jax.Array, jax.Array], jax.Array]
 def _jit_when_eager(static_argnames: tuple[str, ...] = ()):
     """``jax.jit`` for eager calls (one compiled program rather than op-by-op dispatch), the
     plain function under an outer trace: there a nested jit is a call boundary that XLA does not
-    fuse across (measured: a DP-SGD step inside ``lax.scan`` ran 6x slower with it)."""
+    fuse across (docs/performance.md, finding 11)."""
     def wrap(fn):
         jitted = jax.jit(fn, static_argnames=static_argnames)
 
@@ -63,14 +63,6 @@ def _checked_state(what: str, net: Layer, params: Params, model_state: State | N
     return model_state
 
 
-def _check_losses(what: str, losses: jax.Array, n: int) -> jax.Array:
-    if losses.shape != (n,):
-        raise ValueError(f"{what}: loss must return one value per example, shape ({n},); got "
-                         f"shape {shape_str(losses.shape)} (use a per-example loss from "
-                         "jaxnet.losses, not a mean)")
-    return losses
-
-
 def per_example_losses(net: Layer, params: Params, x: jax.Array, y: jax.Array, *,
                        loss: Loss = softmax_cross_entropy,
                        model_state: State | None = None) -> jax.Array:
@@ -99,13 +91,13 @@ def per_example_losses(net: Layer, params: Params, x: jax.Array, y: jax.Array, *
 @_jit_when_eager(static_argnames=("net", "loss"))
 def _losses(params, model_state, x, y, *, net: Layer, loss: Loss) -> jax.Array:
     outputs, _ = net.apply_with_state(params, model_state, x)
-    return _check_losses("per_example_losses", loss(outputs, y), x.shape[0])
+    return check_per_example(loss(outputs, y), x.shape[0], "per_example_losses")
 
 
 def _example_loss(params, model_state, x, y, *, net: Layer, loss: Loss) -> jax.Array:
     """The scalar loss of one example ``x`` ``(*example)`` with target ``y``."""
-    outputs, _ = net.apply_with_state(params, model_state, x[None])  # a batch of one
-    return _check_losses("per_example_grads", loss(outputs, y[None]), 1)[0]
+    outputs, _ = net.apply_with_state(params, model_state, x[None], batch_ndim=1)  # a batch of one
+    return check_per_example(loss(outputs, y[None]), 1, "per_example_grads")[0]
 
 
 def per_example_value_and_grads(net: Layer, params: Params, x: jax.Array, y: jax.Array, *,

@@ -26,10 +26,12 @@ import optax
 
 from jaxnet._xla import options as xla_options
 from jaxnet.nn.layer import Layer, apply_child, init_child
+from jaxnet.validate import positive_int
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.progress import make_progress
-from jaxnet.train.fit import (LossFn, Sums, TrainState, _batch_indices, _check_data, _padded_batches,
-                          init_train_state, make_evaluate, shuffled_order, train_batch)
+from jaxnet.train.engine import EpochPlan, Sums, epoch_order, run_epochs, scan_batches, take_rows
+from jaxnet.train.fit import _check_data, make_evaluate
+from jaxnet.train.state import LossFn, TrainState, init_train_state, train_batch
 
 
 EPOCH_COPY_BYTES = 256 * 2**20  # largest shuffled copy of the epoch gathered at once
@@ -165,48 +167,31 @@ def make_population_epoch(net: Layer, optimizer: optax.GradientTransformation, l
     would take more than ``EPOCH_COPY_BYTES``, each step gathers its own batches instead.
     ``precision`` is passed to :func:`jaxnet.train.train_batch`.
     """
-    num_batches, weights = _padded_batches(n, batch_size)
-    member_epoch_order = lambda key, e: _batch_indices(
-        shuffled_order(jax.random.fold_in(jax.random.fold_in(key, 0), e), n), num_batches,
-        batch_size)
+    plan = EpochPlan.of(n, batch_size)
+    data_axis = None if shared_order else 0
+    step = jax.vmap(lambda state, xb, yb, w, rate: train_batch(
+        net, optimizer, loss, state, xb, yb, w, drop_rate=rate, precision=precision),
+        in_axes=(0, data_axis, data_axis, None, 0))
 
     def epoch(population, x, y, epoch_index):
         members, rates = population
-        size = members.step.shape[0]
-        if shared_order:
-            order = member_epoch_order(members.key[0], epoch_index)  # (batches, batch)
+        if shared_order:  # (batches, batch)
+            order = epoch_order(members.key[0], epoch_index, plan)
         else:  # (batches, K, batch)
-            order = jnp.swapaxes(jax.vmap(member_epoch_order, (0, None))(members.key, epoch_index), 0, 1)
-        take = lambda indices: (jnp.take(x, indices, axis=0, mode="clip"),
-                                jnp.take(y, indices, axis=0, mode="clip"))
+            order = jnp.swapaxes(jax.vmap(epoch_order, (0, None, None))(
+                members.key, epoch_index, plan), 0, 1)
         epoch_bytes = order.size * math.prod(x.shape[1:]) * x.dtype.itemsize
         if epoch_bytes <= EPOCH_COPY_BYTES:  # one gather of the whole epoch (fast), as in fit
-            batches, fetch = take(order), lambda batch: batch
+            batches, fetch = take_rows((x, y), order), lambda batch: batch
         else:  # K shuffled copies would not fit comfortably: gather each step's batches
-            batches, fetch = order, take
-        data_axis = None if shared_order else 0
-        step = jax.vmap(lambda state, xb, yb, w, rate: train_batch(
-            net, optimizer, loss, state, xb, yb, w, drop_rate=rate, precision=precision),
-            in_axes=(0, data_axis, data_axis, None, 0))
-
-        def body(carry, inputs):
-            members, sums = carry
-            i, batch, batch_weights = inputs
-            members, batch = step(members, *fetch(batch), batch_weights, rates)
-            sums = sums + batch
-            if progress is not None:
-                jax.lax.cond((i + 1) % progress_every == 0,
-                             lambda: jax.debug.callback(progress, i + 1, _pooled(sums)),
-                             lambda: None)
-            return (members, sums), None
-
-        zeros = Sums(*(jnp.zeros((size,), jnp.float32) for _ in range(3)))
-        inputs = (jnp.arange(num_batches, dtype=jnp.int32), batches,
-                  None if weights is None else jnp.asarray(weights))
-        (members, sums), _ = jax.lax.scan(body, (members, zeros), inputs)
+            batches, fetch = order, lambda indices: take_rows((x, y), indices)
+        members, sums = scan_batches(
+            lambda members, batch, weights: step(members, *fetch(batch), weights, rates),
+            members, batches, plan, Sums.zeros(shape=members.step.shape),
+            progress=progress, progress_every=progress_every, pooled=_pooled)
         return Population(members, rates), sums
 
-    return epoch, num_batches
+    return epoch, plan.num_batches
 
 
 def _pooled(sums: Sums) -> Sums:
@@ -274,40 +259,32 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
     population = jax.tree.map(jnp.copy, population)  # the epochs donate it
 
     start = time.perf_counter()
-    run_epoch = xla_options.jit(epoch_fn, donate_argnums=0).lower(
+    compiled = xla_options.jit(epoch_fn, donate_argnums=0).lower(
         population, x, y, jnp.int32(0)).compile()
+    evaluate_members = None
     if eval_data is not None:
         x_eval, y_eval = map(jnp.asarray, eval_data)
         _check_data(net, first.params, x_eval, y_eval, "eval_data")
         evaluate = make_evaluate(net, loss, x_eval.shape[0], min(eval_batch_size, x_eval.shape[0]),
                                  precision=precision)
-        run_eval = xla_options.jit(jax.vmap(evaluate, (0, 0, None, None))).lower(
+        compiled_eval = xla_options.jit(jax.vmap(evaluate, (0, 0, None, None))).lower(
             population.members.params, population.members.model_state, x_eval, y_eval).compile()
+
+        def evaluate_members(population):
+            test = _per_member(compiled_eval(population.members.params,
+                                             population.members.model_state, x_eval, y_eval))
+            return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
     compile_seconds = time.perf_counter() - start
 
-    history = []
-    with reporter:
-        for epoch in range(done, epochs):
-            reporter.start_epoch(epoch + 1)
-            start = time.perf_counter()
-            population, sums = run_epoch(population, x, y, jnp.int32(epoch))
-            train = _per_member(sums)  # waits for the epoch
-            train_seconds = time.perf_counter() - start
-            record = {"epoch": epoch + 1, "train_loss": train["loss"],
-                      "train_accuracy": train["accuracy"]}
-            if eval_data is not None:
-                test = _per_member(run_eval(population.members.params,
-                                            population.members.model_state, x_eval, y_eval))
-                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-            record.update(seconds=time.perf_counter() - start,
-                          examples_per_second=n * population.size / train_seconds)
-            if not history:
-                record["compile_seconds"] = compile_seconds
-            history.append(record)
-            reporter.end_epoch(_summary_record(record))
-            if on_epoch is not None:
-                on_epoch(record, population)
-    return population, history
+    def train_record(sums, epoch):
+        train = _per_member(sums)  # waits for the epoch
+        return {"train_loss": train["loss"], "train_accuracy": train["accuracy"]}
+
+    return run_epochs(population, lambda population, epoch: compiled(population, x, y, epoch),
+                      first_epoch=done, epochs=epochs, reporter=reporter,
+                      train_record=train_record, evaluate=evaluate_members,
+                      examples=n * population.size, compile_seconds=compile_seconds,
+                      on_epoch=on_epoch, display=_summary_record)
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -355,8 +332,7 @@ class Ensemble(Layer):
     kind: ClassVar[str] = "ensemble"
 
     def __post_init__(self):
-        if not isinstance(self.members, int) or self.members < 1:
-            raise ValueError(f"Ensemble: members must be a positive integer, got {self.members!r}")
+        positive_int("Ensemble", "members", self.members)
 
     def children(self):
         return (("", self.net),)

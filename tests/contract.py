@@ -39,3 +39,28 @@ def assert_contract(net, params, x):
     for other, expected in ((jitted, y), (mapped, y), (first, y[0]), (last, y[5]), (two_axes.reshape(y.shape), y)):
         np.testing.assert_allclose(other, expected, rtol=1e-6, atol=1e-6)
     return y
+
+
+def assert_contract_with_state(net, params, state, x):
+    """:func:`assert_contract` for a network with state, in evaluation mode (which must keep
+    the state as it is): declared shapes, jit, vmap, one example and two batch axes agree.
+
+    ``x`` is a batch of 6 examples; returns ``y`` from the un-jitted call.
+    """
+    y, new_state = net.apply_with_state(params, state, x)
+    jax.tree.map(np.testing.assert_array_equal, new_state, state)
+    assert net.output_shape(x).shape == y.shape and net.output_shape(x).dtype == y.dtype, net
+    assert jn.summarize(net, x).rows[-1].output_shape == y.shape, net
+
+    def apply(v):
+        return net.apply_with_state(params, state, v)[0]
+
+    @jax.jit
+    def variants(x):
+        return apply(x), jax.vmap(apply)(x), apply(x[0]), apply(x[5]), apply(x.reshape((2, 3) + x.shape[1:]))
+
+    jitted, mapped, first, last, two_axes = variants(x)
+    assert two_axes.shape == (2, 3) + y.shape[1:]
+    for other, expected in ((jitted, y), (mapped, y), (first, y[0]), (last, y[5]), (two_axes.reshape(y.shape), y)):
+        np.testing.assert_allclose(other, expected, rtol=1e-6, atol=1e-6)
+    return y

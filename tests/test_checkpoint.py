@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import jaxnet as jn
 from jaxnet import checkpoint, train
+from jaxnet.losses import softmax_cross_entropy
 from jaxnet.app import run
 from jaxnet.checkpoint import CheckpointError
 from jaxnet.app.cli import main
@@ -345,7 +346,7 @@ def test_the_nan_check_is_compiled_in_only_when_skipping(key, rng):
     state = train.init_train_state(net, optax.sgd(0.1), net.init(key, x[:1]))
 
     def program(on_nan):
-        epoch, _ = train.make_epoch(net, optax.sgd(0.1), train.softmax_cross_entropy, 32, 16,
+        epoch, _ = train.make_epoch(net, optax.sgd(0.1), softmax_cross_entropy, 32, 16,
                                     on_nan=on_nan)
         return jax.jit(epoch).lower(state, x, y, jnp.int32(0)).as_text()
 

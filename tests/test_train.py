@@ -6,6 +6,7 @@ import pytest
 
 import jaxnet as jn
 from jaxnet import train
+from jaxnet.train import engine
 from jaxnet.losses import softmax_cross_entropy
 from support import blobs, count_compiles
 
@@ -211,9 +212,9 @@ def test_evaluate_matches_a_direct_computation(key, rng):
 def test_packed_sort_equals_the_key_value_sort(rng, high):
     keys = jnp.asarray(rng.integers(0, high, size=5000, dtype=np.uint64).astype(np.uint32))
     expected = np.argsort(np.asarray(keys), kind="stable")
-    np.testing.assert_array_equal(jax.jit(train._sort_packed)(keys), expected)
-    np.testing.assert_array_equal(jax.jit(train._sort_key_val)(keys), expected)
-    assert jax.jit(train._sort_packed)(keys).dtype == jnp.int32
+    np.testing.assert_array_equal(jax.jit(engine._sort_packed)(keys), expected)
+    np.testing.assert_array_equal(jax.jit(engine._sort_key_val)(keys), expected)
+    assert jax.jit(engine._sort_packed)(keys).dtype == jnp.int32
 
 
 def test_shuffled_order_is_a_permutation_and_depends_on_the_key():
@@ -226,3 +227,56 @@ def test_shuffled_order_is_a_permutation_and_depends_on_the_key():
              for k in range(400)]
     counts = np.bincount(first, minlength=10)
     assert counts.min() > 20 and counts.max() < 65
+
+
+def test_a_loss_that_returns_the_batch_mean_is_refused_by_fit_and_the_step(key):
+    net = jn.serial(jn.Dense(3))
+    x, y = jnp.ones((8, 4)), jnp.zeros((8,), jnp.int32)
+    params = net.init(key, x[:1])
+    mean_loss = lambda logits, labels: softmax_cross_entropy(logits, labels).mean()  # noqa: E731
+    message = r"loss must return one value per example, shape \(8,\); got shape \(\)"
+    with pytest.raises(ValueError, match="train_batch: " + message):
+        jn.fit(net, params, optax.sgd(0.1), (x, y), epochs=1, batch_size=8, loss=mean_loss,
+               progress=False)
+    step = jn.make_train_step(net, optax.sgd(0.1), mean_loss)
+    with pytest.raises(ValueError, match=message):
+        step(jn.init_train_state(net, optax.sgd(0.1), params), x, y)
+
+
+def test_init_train_state_and_the_step_never_delete_the_callers_arrays(key):
+    net = jn.serial(jn.Dense(3))
+    x, y = jnp.ones((8, 4)), jnp.zeros((8,), jnp.int32)
+    params, run_key = net.init(key, x[:1]), jax.random.key(3)
+    step = jn.make_train_step(net, optax.sgd(0.1))
+    state, _ = step(jn.init_train_state(net, optax.sgd(0.1), params, key=run_key), x, y)
+    state, _ = step(state, x, y)
+    np.testing.assert_array_equal(net.apply(params, x), net.apply(net.init(key, x[:1]), x))
+    assert not run_key.is_deleted()
+
+
+def test_on_epoch_receives_a_state_it_may_keep(key):
+    net = jn.serial(jn.Dense(3))
+    x, y = jnp.ones((16, 4)), jnp.zeros((16,), jnp.int32)
+    kept = []
+    jn.fit(net, net.init(key, x[:1]), optax.sgd(0.1), (x, y), epochs=3, batch_size=8,
+           progress=False, on_epoch=lambda record, state: kept.append(state))
+    assert [int(state.step) for state in kept] == [2, 4, 6]
+    assert all(np.isfinite(np.asarray(s.params["dense_1"]["w"])).all() for s in kept)
+
+
+def test_fit_trains_per_token_labels_with_padding(key):
+    """A sequence model with (batch, time) labels: per-token loss and accuracy, padding ignored."""
+    from jaxnet.losses import token_cross_entropy
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 5, size=(64, 6))
+    labels = np.where(np.arange(6) < 4, tokens, -1).astype(np.int32)  # last two steps padded
+    x = jax.nn.one_hot(tokens, 5)  # (64, 6, 5): learn to copy each token
+    net = jn.serial(jn.Dense(16), jn.relu, jn.Dense(5))
+    params = net.init(key, x[:1])
+    state, history = jn.fit(net, params, optax.adam(1e-2), (x, labels), epochs=20, batch_size=16,
+                            loss=token_cross_entropy, progress=False)
+    assert history[-1]["train_accuracy"] == 1.0
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 5
+    logits = net.apply(state.params, x)
+    changed = logits.at[:, 4:].set(0.0)  # padded steps' outputs count for nothing
+    np.testing.assert_allclose(token_cross_entropy(changed, labels), token_cross_entropy(logits, labels))

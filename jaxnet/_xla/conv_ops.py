@@ -3,12 +3,12 @@
 XLA:CPU runs a convolution fast only in its canonical form (batch-spatial-feature input,
 spatial-in-out kernel). Outside loops it rewrites the convolutions that ``jax.grad`` emits into
 that form; inside a ``while`` loop (``lax.scan``, so inside ``fit``'s epoch) it does not, and the
-weight and input gradients run on a slow generic path: measured 1.3 s against 0.05-0.09 s per
-CNN training step. ``conv`` therefore writes both gradients as canonical convolutions itself
-(the standard transposed-convolution identities), giving the same numbers. A ``custom_vjp``
-has no forward mode, and JAX cannot transpose one inside a custom JVP rule, so ``Conv`` uses it
-only when the caller promises reverse mode (``reverse_only=True``, as ``fit`` does) and plain
-``lax`` otherwise.
+weight and input gradients run on a generic path that is an order of magnitude slower
+(docs/performance.md, finding 2). ``conv`` therefore writes both gradients as canonical
+convolutions itself (the standard transposed-convolution identities), giving the same numbers.
+A ``custom_vjp`` has no forward mode, and JAX cannot transpose one inside a custom JVP rule, so
+``Conv`` uses it only when the caller promises reverse mode (``reverse_only=True``, as ``fit``
+does) and plain ``lax`` otherwise.
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def _weight_grad(x, g, *, dilation, numbers, pads, strides):
     return jnp.moveaxis(dw, 0, -2)
 
 
-# XLA:CPU runs the kernel-gradient convolution fastest when each call contracts ~2,000 output
-# positions (examples x out_spatial): one call over a batch of 128 28x28 or 14x14 images takes
-# 2-4x longer than the sum of 16 calls over 8 examples each (docs/performance.md).
+# XLA:CPU's YNNPACK path runs the kernel-gradient convolution fastest when each call contracts
+# ~2,000 output positions (examples x out_spatial), faster than one call over a whole batch of
+# small images (docs/performance.md, findings 5 and 9).
 CHUNK_POSITIONS = 2048
 MAX_CHUNKS = 16
 

@@ -2,11 +2,11 @@
 
 The weight gradient of ``y = x @ w`` is ``x.T @ g``: a product that contracts the batch axis,
 the leading axis of both operands. XLA:CPU folds the transpose into the dot and runs it on a
-generic path that is slow for narrow layers: ~210 us for a 512x10 gradient at batch 128 and
-~3 us for the 64x32 one at batch 32, against ~25-45 and ~1.8 us for the same numbers computed as
-``(g.T @ x).T`` with the transposes kept as copies (``lax.optimization_barrier``) so that the
+generic path that is slow for narrow layers, several times slower than the same numbers computed
+as ``(g.T @ x).T`` with the transposes kept as copies (``lax.optimization_barrier``) so that the
 product is an ordinary row-by-column one. For wide layers (784x512) the ordinary ``x.T @ g`` is
-faster, so :func:`matmul` switches at :data:`NARROW` output features (docs/performance.md).
+faster, so :func:`matmul` switches at :data:`NARROW` output features (docs/performance.md,
+finding 7).
 
 Being a ``custom_vjp``, :func:`matmul` supports reverse mode only; ``Dense`` uses it when the
 caller promises reverse mode only (``apply_with_state(..., reverse_only=True)``, as

@@ -1,18 +1,16 @@
 """The XLA options jaxnet compiles its own programs with: convolutions off YNNPACK on CPU.
 
 XLA:CPU (jax 0.10) hands dots, reductions and convolutions to YNNPACK. A convolution that
-YNNPACK runs on its own uses a single thread: on this project's 2-core machine the benchmark
-CNN's 3x3 32->64 convolution at batch 128 takes ~10 ms, the same with one core as with two,
-against ~5.3 ms (175 GFLOP/s, near the machine's matmul rate) through XLA's own (Eigen)
-convolution, which uses every core (docs/performance.md, finding 9). jaxnet's train step,
+YNNPACK runs on its own uses a single thread, so on a multi-core CPU it is slower than XLA's own
+(Eigen) convolution, which uses every core (docs/performance.md, finding 9). jaxnet's train step,
 ``fit``, ``evaluate`` and ``predict`` are therefore compiled on CPU with YNNPACK limited to dots
 and reductions (:data:`YNN_FUSION_TYPES`, jax 0.10's default set without convolutions); a
-network without convolutions compiles to the same program as before.
+network without convolutions compiles to the same program as with XLA's defaults.
 
 Forward-only programs (``predict``, ``evaluate``) over at least :data:`LARGE_FORWARD_ROWS` rows per
-call also leave dots to Eigen (:data:`FORWARD_YNN_FUSION_TYPES`): there, for the benchmark MLP,
-Eigen's dots ran 1.12-1.17x faster from 256 rows up, and YNNPACK's 1.5x faster at 32 rows; in
-training steps YNNPACK's dots were faster at batch 128 and level at 1024 (finding 9).
+call also leave dots to Eigen (:data:`FORWARD_YNN_FUSION_TYPES`): for the benchmark MLP's
+forward pass Eigen's dots are the faster from 256 rows up and YNNPACK's below, while in training
+steps YNNPACK's are as fast or faster (docs/performance.md, finding 9).
 
 The options apply per compiled program (``jax.jit(..., compiler_options=...)``), never to the
 rest of the process. They are left out off CPU, when the environment sets

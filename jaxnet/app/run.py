@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnet._version import __version__
 from jaxnet import data as datasets
 from jaxnet import data_parallel
 from jaxnet import data_shards
@@ -345,7 +346,7 @@ def run_record(config: RunConfig, dataset: datasets.Dataset, stats: dict[str, fl
     return {
         "config": config.to_json(),
         "data": _data_record(dataset, stats),
-        "versions": {"jaxnet": _version(), "jax": jax.__version__, "optax": optax.__version__},
+        "versions": {"jaxnet": __version__, "jax": jax.__version__, "optax": optax.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -362,9 +363,6 @@ def read_run(run_dir: Path) -> tuple[RunConfig, dict, Layer, dict]:
     return config, record, build_model(config, int(record["data"]["num_classes"])), params
 
 
-def _version() -> str:
-    from jaxnet import __version__
-    return __version__
 
 
 def run_preprocess(data: dict, input_shape: tuple[int, ...], input_dtype) -> Preprocess:

@@ -14,11 +14,10 @@ from jaxnet._xla import dense_ops
 from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, param_dtype, require_feature_axis,
                              require_floating, require_key, shape_str, trace_options)
 from jaxnet.nn.initializers import check_weight_init, init_weight_and_bias
+from jaxnet.validate import positive_int, probability
 
 
-def check_positive(layer: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{layer}: {name} must be a positive integer, got {value!r}")
+check_positive = positive_int  # the name the layer modules use
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -171,8 +170,7 @@ class Dropout(Layer):
     pointwise: ClassVar[bool] = True
 
     def __post_init__(self):
-        if not isinstance(self.drop_rate, (int, float)) or not 0 <= self.drop_rate < 1:
-            raise ValueError(f"Dropout: drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        probability("Dropout", "drop_rate", self.drop_rate)
 
     @property
     def needs_key(self):

@@ -81,7 +81,7 @@ class Conv(Layer):
 
     When the caller differentiates in reverse mode only (``apply_with_state(...,
     reverse_only=True)``, as ``train_batch`` and ``fit`` do), an ungrouped convolution computes
-    its gradients with canonical convolutions, ~20x faster inside ``lax.scan`` on XLA:CPU and
+    its gradients with canonical convolutions, an order of magnitude faster inside ``lax.scan`` on XLA:CPU (docs/performance.md, finding 2) and
     equal in value.
 
     Shapes:
@@ -211,7 +211,7 @@ class _Pool(Layer):
         strides equal to the window): a reshape, whose reductions have elementwise gradients
         where ``reduce_window``'s max gradient is a slow select-and-scatter. ``None`` otherwise:
         in evaluation mode ``reduce_window``'s forward pass is as fast, and with the reshape
-        XLA:CPU fuses a whole CNN's forward pass into one YNNPACK graph that runs 2x slower."""
+        XLA:CPU fuses a whole CNN's forward pass into one YNNPACK graph that runs slower (docs/performance.md, finding 3)."""
         if not (train or trace_options().reverse_only):
             return None
         no_padding = self.padding == "VALID" or (

@@ -24,83 +24,19 @@ a population's traced dropout rates, reverse-mode-only kernels) lives in a trace
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet.nn.calls import (Array, Params, ShapeError, State, TraceOptions, _tracing,  # noqa: F401
+                             apply_child, init_child, join_path, recording, split_keys,
+                             trace_options)
+from jaxnet.nn.shapes import as_spec, describe_input, infer_batch_ndim, input_spec  # noqa: F401
 from jaxnet.trees import shape_str
-
-Array = jax.Array
-Params = dict[str, Any]
-State = dict[str, Any]
-
-
-class ShapeError(ValueError):
-    """An input or a parameter tree has the wrong shape for a layer."""
-
-
-class TraceOptions(NamedTuple):
-    """What the library passes to layers while a network is traced (never at run time).
-
-    Attributes:
-      path: the path of the layer being run, e.g. ``"encoder/dense_2"``.
-      record: when not ``None``, a list that :func:`apply_child` appends summary rows to.
-      drop_rate: when not ``None``, a float32 scalar (possibly traced) that replaces every
-        Dropout layer's own rate (population training).
-      reverse_only: the caller differentiates this call in reverse mode only, so built-in
-        layers may compute their gradients with custom VJPs (no forward mode).
-    """
-
-    path: str = ""
-    record: list | None = None
-    drop_rate: Array | None = None
-    reverse_only: bool = False
-
-
-_TRACE = contextvars.ContextVar("jaxnet_trace_options", default=TraceOptions())
-
-
-def trace_options() -> TraceOptions:
-    """The options of the network call being traced (library-internal; layers rarely need it)."""
-    return _TRACE.get()
-
-
-@contextlib.contextmanager
-def _tracing(**changes):
-    token = _TRACE.set(_TRACE.get()._replace(**changes))
-    try:
-        yield
-    finally:
-        _TRACE.reset(token)
-
-
-def join_path(parent: str, name: str) -> str:
-    """``"encoder"`` and ``"dense_1"`` give ``"encoder/dense_1"``; an empty name adds nothing."""
-    if not name:
-        return parent
-    return f"{parent}/{name}" if parent else name
-
-
-_LOCATED = (ShapeError, TypeError, ValueError)
-
-
-@contextlib.contextmanager
-def _located(path: str):
-    """Prefixes a ``ShapeError``/``TypeError``/``ValueError`` raised inside with ``path``, once."""
-    try:
-        yield
-    except _LOCATED as error:
-        if type(error) not in _LOCATED or getattr(error, "jaxnet_path", None) is not None or not path:
-            raise
-        located = type(error)(f"{path}: {error}")
-        located.jaxnet_path = path
-        raise located from None
 
 
 class Layer:
@@ -192,8 +128,6 @@ class Layer:
         Returns:
           ``(params, state)``; ``state`` is ``{}`` for networks without stateful layers.
         """
-        from jaxnet.nn.shapes import input_spec  # shapes builds on this module
-
         spec = input_spec(x)
         if any(leaf.ndim < 1 for leaf in jax.tree.leaves(spec)):
             raise ShapeError(
@@ -244,16 +178,13 @@ class Layer:
           reverse_only: promise that this call is differentiated in reverse mode only
             (``jax.grad``, ``jax.vjp``), as ``fit`` does. ``Dense`` and ``Conv`` then compute
             their weight gradients in the forms XLA:CPU runs fastest (same values; see
-            ``docs/performance.md``); ``jax.jvp`` of the output raises an error.
+            ``docs/performance.md``, finding 7); ``jax.jvp`` of the output raises an error.
 
         Returns:
           ``(y, new_state)`` with ``y`` of shape ``(*batch, *output)``.
         """
-        from jaxnet.nn.shapes import describe_input, infer_batch_ndim
-
         x = jax.tree.map(jnp.asarray, x)
-        if batch_ndim is None:
-            batch_ndim = infer_batch_ndim(self, params, state, x)
+        batch_ndim = infer_batch_ndim(self, params, state, x, batch_ndim)
         batch_shapes = {tuple(leaf.shape[:batch_ndim]) for leaf in jax.tree.leaves(x)}
         if len(batch_shapes) != 1:
             raise ShapeError(f"{self._top_path() or 'network'}: the inputs' leading {batch_ndim} "
@@ -272,8 +203,6 @@ class Layer:
 
     def output_shape(self, x) -> jax.ShapeDtypeStruct:
         """The output's shape and dtype for inputs like ``x`` (a batch or its shape), without computing."""
-        from jaxnet.nn.shapes import input_spec
-
         spec = input_spec(x)
         params, state = jax.eval_shape(lambda k: self.init_with_state(k, spec), jax.random.key(0))
         y, _ = jax.eval_shape(lambda p, s, v: self.apply_with_state(p, s, v), params, state, spec)
@@ -297,63 +226,6 @@ class Layer:
         return "" if self.children() else self.kind
 
 
-def init_child(child: Layer, name: str, key: Array,
-               x: jax.ShapeDtypeStruct) -> tuple[Params, State, jax.ShapeDtypeStruct]:
-    """Initialises ``child`` as the sub-layer ``name`` of the layer being initialised.
-
-    For layers made of others (``children()``); errors raised inside name the child's path.
-
-    Returns:
-      ``(params, state, y)``: the child's trees and its output spec for inputs like ``x``.
-    """
-    path = join_path(_TRACE.get().path, name)
-    with _tracing(path=path, record=None), _located(path or child.kind):
-        params, state = child.init_params(key, x)
-        if child.example_ndim is not None and hasattr(x, "shape") and x.ndim - 1 != child.example_ndim:
-            raise ShapeError(f"expected examples of rank {child.example_ndim}; got examples of "
-                             f"shape {shape_str(x.shape[1:])} (rank {x.ndim - 1})")
-        y, _ = jax.eval_shape(lambda p, s, v: child.forward(p, s, v, train=False, key=None),
-                              params, state, x)
-    return params, state, y
-
-
-def apply_child(child: Layer, name: str, params: Params, state: State, x: Array, *,
-                train: bool, key: Array | None) -> tuple[Array, State]:
-    """Runs ``child`` as the sub-layer ``name`` of the layer being run: ``(y, new_state)``.
-
-    For layers made of others; errors raised inside name the child's path, and summaries see
-    a row for each leaf layer.
-    """
-    options = _TRACE.get()
-    path = join_path(options.path, name)
-    with _tracing(path=path), _located(path or child.kind):
-        y, new_state = child.forward(params, state, x, train=train, key=key)
-    if options.record is not None and not child.children():
-        options.record.append((path, child, tuple(x.shape), y, params))
-    return y, new_state
-
-
-@contextlib.contextmanager
-def recording(rows: list):
-    """Within the block, every network call appends ``(path, layer, x_shape, y, params)`` rows
-    for its leaf layers to ``rows`` (used by :func:`jaxnet.summarize`)."""
-    with _tracing(record=rows):
-        yield
-
-
-def split_keys(children, key: Array | None, train: bool) -> list[Array | None]:
-    """One key per child that needs one in training mode (``None`` for the others); no
-    splitting work when none does."""
-    keys: list[Array | None] = [None] * len(children)
-    if key is None or not train:
-        return keys
-    needy = [i for i, (_, child) in enumerate(children) if child.needs_key]
-    split = [key] if len(needy) == 1 else list(jax.random.split(key, len(needy)))
-    for i, k in zip(needy, split):
-        keys[i] = k
-    return keys
-
-
 def require_key(key: Array | None, layer: str = "this layer") -> Array:
     """``key``, or a ``ValueError`` saying that ``layer`` needs one in training mode."""
     if key is None:
@@ -366,19 +238,6 @@ def broadcast_trailing(v: Array, like: Array) -> Array:
     """``v`` of shape ``(features,)`` raised to ``like``'s rank, so that layers never rely on
     implicit rank promotion (it is an error under ``jax_numpy_rank_promotion="raise"``)."""
     return jax.lax.broadcast_to_rank(v, like.ndim)
-
-
-def as_spec(x) -> jax.ShapeDtypeStruct:
-    """An array, a ``ShapeDtypeStruct`` or a shape tuple (float32) as a ``ShapeDtypeStruct``."""
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    if isinstance(x, tuple) and all(isinstance(d, (int, np.integer)) for d in x):
-        if any(d < 0 for d in x):
-            raise ShapeError(f"input shape {shape_str(x)} has a negative size")
-        return jax.ShapeDtypeStruct(tuple(int(d) for d in x), jnp.float32)
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-    raise TypeError(f"expected an array, a jax.ShapeDtypeStruct or a shape tuple; got {type(x).__name__}")
 
 
 def param_dtype(x: jax.ShapeDtypeStruct):

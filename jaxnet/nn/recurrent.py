@@ -32,8 +32,13 @@ from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, require_exam
 
 @dataclasses.dataclass(frozen=True)
 class _Cell:
-    """One step of a recurrence. ``project`` maps inputs to the ``G * hidden`` gate
-    pre-activations (biases folded in where the formula allows); ``step`` adds the hidden term."""
+    """One step of a recurrence, as plain functions that :class:`Recurrent` scans.
+
+    ``init`` makes the params, ``zero_state`` the default state, ``project`` maps inputs to the
+    ``G * hidden`` gate pre-activations (biases folded in where the formula allows; it runs once
+    over all time steps), ``step(params, state, projected) -> (state, h)`` adds the hidden term
+    for one step and ``output(state)`` is the ``h`` of a state.
+    """
 
     hidden: int
     gates: ClassVar[int] = 1
@@ -60,6 +65,10 @@ class _Cell:
         """``(n, in) -> (n, G*hidden)``: ``x @ W_input + b_input (+ b_hidden)``."""
         y = matmul(x, params["input"]["w"])
         return y + broadcast_trailing(params["input"]["b"] + params["hidden"]["b"], y)
+
+    def step(self, params, state, projected):
+        """``(state, h)`` after one step; ``projected`` is this step's ``project`` output."""
+        raise NotImplementedError
 
     def output(self, state):
         """The cell's output ``h`` of ``state``."""
@@ -281,17 +290,32 @@ class Recurrent(Layer):
 
 
 def SimpleRNN(hidden: int, activation=tanh, **recurrent_kwargs) -> Recurrent:  # noqa: N802
-    """``Recurrent(SimpleRNNCell(hidden, activation), **recurrent_kwargs)``."""
+    """``Recurrent(SimpleRNNCell(hidden, activation), **recurrent_kwargs)``.
+
+    Args:
+      hidden: state width. activation: as :class:`SimpleRNNCell`.
+      **recurrent_kwargs: ``return_sequences``, ``reverse``, ``return_state`` of :class:`Recurrent`.
+    """
     return Recurrent(SimpleRNNCell(hidden, activation), **recurrent_kwargs)
 
 
 def LSTM(hidden: int, **recurrent_kwargs) -> Recurrent:  # noqa: N802
-    """``Recurrent(LSTMCell(hidden), **recurrent_kwargs)``, e.g. ``LSTM(hidden=256)``."""
+    """``Recurrent(LSTMCell(hidden), **recurrent_kwargs)``, e.g. ``LSTM(hidden=256)``.
+
+    Args:
+      hidden: state width (the output width).
+      **recurrent_kwargs: ``return_sequences``, ``reverse``, ``return_state`` of :class:`Recurrent`.
+    """
     return Recurrent(LSTMCell(hidden), **recurrent_kwargs)
 
 
 def GRU(hidden: int, **recurrent_kwargs) -> Recurrent:  # noqa: N802
-    """``Recurrent(GRUCell(hidden), **recurrent_kwargs)``."""
+    """``Recurrent(GRUCell(hidden), **recurrent_kwargs)``.
+
+    Args:
+      hidden: state width (the output width).
+      **recurrent_kwargs: ``return_sequences``, ``reverse``, ``return_state`` of :class:`Recurrent`.
+    """
     return Recurrent(GRUCell(hidden), **recurrent_kwargs)
 
 

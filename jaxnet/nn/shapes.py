@@ -11,18 +11,34 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxnet.nn.layer import Array, Layer, Params, ShapeError, State, init_child, join_path
+from jaxnet.nn.calls import Array, Params, ShapeError, State, init_child, join_path
 from jaxnet.trees import compare_trees, leaves_by_name, shape_str
+
+if TYPE_CHECKING:
+    from jaxnet.nn.layer import Layer
+
+
+def as_spec(x) -> jax.ShapeDtypeStruct:
+    """An array, a ``ShapeDtypeStruct`` or a shape tuple (float32) as a ``ShapeDtypeStruct``."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, tuple) and all(isinstance(d, (int, np.integer)) for d in x):
+        if any(d < 0 for d in x):
+            raise ShapeError(f"input shape {shape_str(x)} has a negative size")
+        return jax.ShapeDtypeStruct(tuple(int(d) for d in x), jnp.float32)
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+    raise TypeError(f"expected an array, a jax.ShapeDtypeStruct or a shape tuple; got {type(x).__name__}")
 
 
 def input_spec(x):
     """An input (array, ``ShapeDtypeStruct``, shape tuple, or a pytree of those) as specs."""
-    from jaxnet.nn.layer import as_spec
     try:
         return jax.tree.map(as_spec, x, is_leaf=_is_input_leaf)
     except TypeError:
@@ -70,7 +86,8 @@ def undeclared_layers(layer: Layer, path: str = "") -> list[str]:
     return [p for name, child in children for p in undeclared_layers(child, join_path(path, name))]
 
 
-def infer_batch_ndim(layer: Layer, params: Params, state: State, x) -> int:
+def infer_batch_ndim(layer: Layer, params: Params, state: State, x,
+                     batch_ndim: int | None = None) -> int:
     """The number of leading axes of ``x`` (of every leaf of it) that are batch axes.
 
     A reading fits when ``init`` accepts the example and would produce exactly the shapes and
@@ -79,7 +96,8 @@ def infer_batch_ndim(layer: Layer, params: Params, state: State, x) -> int:
     declares its example rank or is pointwise, or if they differ only by axes of size 1, and
     the one with the most batch axes is used; otherwise the reading is ambiguous and this raises. A network without any parameters or
     state has nothing to go by, so it reads ``x`` as a batch ``(batch, *example)`` when it can.
-    Costs nothing at run time: it only compares shapes, cached per input shape.
+    Costs nothing at run time: it only compares shapes, cached per input shape. A given
+    ``batch_ndim`` is checked the same way (the trees must fit that reading) and returned.
 
     Raises:
       ValueError: the trees do not belong to this architecture (lists missing and
@@ -96,21 +114,26 @@ def infer_batch_ndim(layer: Layer, params: Params, state: State, x) -> int:
     conventional = 1 if most >= 2 else 0  # x read as (batch, *example), or one vector
     readings = list(range(most, -1, -1))
     param_free = not actual_params and not actual_state
-    if param_free:  # by convention a batch, else the first reading that fits
+    if batch_ndim is not None:
+        if not 0 <= batch_ndim <= most:
+            raise ShapeError(f"{top}: batch_ndim={batch_ndim} leading axes, but the input has "
+                             f"shape {describe_input(x)}")
+        readings, conventional = [batch_ndim], batch_ndim
+    elif param_free:  # by convention a batch, else the first reading that fits
         readings = [conventional] + [r for r in readings if r != conventional]
     errors, fits = {}, []
-    for batch_ndim in readings:
+    for reading in readings:
         spec = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
-            (1,) + tuple(leaf.shape[batch_ndim:]), leaf.dtype), x)
+            (1,) + tuple(leaf.shape[reading:]), leaf.dtype), x)
         try:
             expected_params, expected_state = expected_trees(layer, spec)
         except ShapeError as error:
-            errors[batch_ndim] = error
+            errors[reading] = error
             continue
         except Exception as error:  # e.g. an empty axis read as features: not this reading
-            if batch_ndim == conventional:
+            if reading == conventional:
                 raise
-            errors[batch_ndim] = error
+            errors[reading] = error
             continue
         params_diff = compare_trees(expected_params, actual_params)
         state_diff = compare_trees(expected_state, actual_state)
@@ -122,11 +145,11 @@ def infer_batch_ndim(layer: Layer, params: Params, state: State, x) -> int:
             raise ValueError(f"{top}: params/state do not match this network: {'; '.join(structure)}")
         problems = params_diff.mismatched + state_diff.mismatched
         if not problems:
-            fits.append(batch_ndim)
+            fits.append(reading)
             if param_free:
                 break
             continue
-        errors[batch_ndim] = ShapeError(
+        errors[reading] = ShapeError(
             f"{top}: params do not fit an input of shape {describe_input(x)}: "
             + "; ".join(problems) + " (made for another input shape or architecture?)")
     if not fits:

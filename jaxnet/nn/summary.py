@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 import jax
 
-from jaxnet.nn.layer import Layer, as_spec, recording, shape_str
-from jaxnet.nn.shapes import infer_example_ndim
+from jaxnet.nn.layer import Layer, recording, shape_str
+from jaxnet.nn.shapes import input_spec
 
 
 class SummaryRow(NamedTuple):
@@ -57,34 +57,31 @@ def summarize(network: Layer, x) -> Summary:
 
     Args:
       network: any jaxnet layer.
-      x: an example batch ``(batch, *example)``, its shape, or a ``jax.ShapeDtypeStruct``;
-        FLOPs are counted for this batch size.
+      x: an example batch ``(batch, *example)``, its shape, or a ``jax.ShapeDtypeStruct`` (or a
+        pytree of them for a network with several inputs); FLOPs are counted for this batch
+        size, and the rows show outputs as ``(batch, *output)``.
 
     Returns:
       A :class:`Summary`; ``print(summary)`` shows the table.
     """
-    spec = as_spec(x)
+    spec = input_spec(x)
     records: list = []
-    batch_shapes: list = []
 
     def run(key):
         params, state = network.init_with_state(key, spec)
-        inputs = jax.numpy.zeros(spec.shape, spec.dtype)
+        inputs = jax.tree.map(lambda leaf: jax.numpy.zeros(leaf.shape, leaf.dtype), spec)
         with recording(records):
-            network.apply_with_state(params, state, inputs)
-        example_ndim = infer_example_ndim(network, params, state, inputs)
-        batch_shapes.append(spec.shape[:spec.ndim - example_ndim])
+            network.apply_with_state(params, state, inputs, batch_ndim=1)
 
     jax.eval_shape(run, jax.random.key(0))
-    # Layers see the batch axes of x flattened into one (e.g. (batch, time) ids into an Embedding);
-    # rows show outputs with x's own batch axes, as apply returns them.
-    batch_shape = batch_shapes[0]
+    batch = jax.tree.leaves(spec)[0].shape[0]
     rows = []
     for path, layer, x_shape, y, params in records:
         leaves = jax.tree_util.tree_leaves(params)
+        output_shape = jax.tree.map(lambda a: (batch,) + tuple(a.shape[1:]), y)
         rows.append(SummaryRow(
-            path=path, layer=repr(layer), output_shape=batch_shape + tuple(y.shape[1:]),
+            path=path, layer=repr(layer), output_shape=output_shape,
             parameters=sum(math.prod(leaf.shape) for leaf in leaves),
             bytes=sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in leaves),
-            flops=layer.flops(x_shape, tuple(y.shape), params)))
+            flops=layer.flops(x_shape, jax.tree.map(lambda a: tuple(a.shape), y), params)))
     return Summary(tuple(rows))

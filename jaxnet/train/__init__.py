@@ -1,6 +1,11 @@
-"""Training: ``TrainState``, the jitted train step, the device-side epoch driver, ``fit``."""
+"""Training: the train step (:mod:`~jaxnet.train.state`), the epoch driver shared by ``fit`` and
+populations (:mod:`~jaxnet.train.engine`), and ``fit``/``evaluate`` (:mod:`~jaxnet.train.fit`)."""
 
-from jaxnet.train.fit import *  # noqa: F401,F403  (temporary during the restructure)
-from jaxnet.train.fit import (ON_NAN, LossFn, Sums, StepMetrics, TrainState, TrainStep, _sort_key_val,
-                              _sort_packed, evaluate, fit, init_train_state, make_epoch,
-                              make_evaluate, make_train_step, shuffled_order, train_batch)
+from jaxnet.train.engine import EpochPlan, Sums, batch_sums, run_epochs, shuffled_order
+from jaxnet.train.fit import evaluate, fit, make_epoch, make_evaluate
+from jaxnet.train.state import (ON_NAN, LossFn, StepMetrics, TrainState, TrainStep,
+                                init_train_state, make_train_step, train_batch)
+
+__all__ = ["EpochPlan", "LossFn", "ON_NAN", "StepMetrics", "Sums", "TrainState", "TrainStep",
+           "batch_sums", "evaluate", "fit", "init_train_state", "make_epoch", "make_evaluate",
+           "make_train_step", "run_epochs", "shuffled_order", "train_batch"]

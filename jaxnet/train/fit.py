@@ -1,277 +1,33 @@
-"""Training: a ``TrainState`` pytree, a jitted train step, and ``fit`` with the loop on the device.
+"""``fit`` and ``evaluate``: whole epochs compiled into one program each, run on the device.
 
-``fit`` compiles one program per epoch: a ``lax.scan`` over the epoch's batches with the data
-resident on the device, shuffled there with ``jax.random``, metrics summed there. The last partial
-batch is filled with other (real) examples that carry weight zero, so every batch has one static
-shape and nothing recompiles. Randomness is a pure function of ``(state.key, step)``: epoch ``e``
-is shuffled with ``fold_in(fold_in(key, 0), e)`` and step ``s`` drops out with
-``fold_in(fold_in(key, 1), s)``, so a run restarted from any saved state replays exactly.
-A NaN or infinite loss stops training after its epoch, or, with ``on_nan="skip"``, the update
-of each such batch is skipped inside the compiled step.
+``fit`` compiles one program per epoch (:func:`make_epoch`): the epoch's shuffle, one gather of
+its data and a ``lax.scan`` over its batches with the metrics summed on the device
+(:mod:`jaxnet.train.engine`); the host only starts epochs, reads their sums and reports. A NaN
+or infinite loss stops training after its epoch, or, with ``on_nan="skip"``, the update of each
+such batch is skipped inside the compiled step.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jaxnet.data_parallel as parallel
 from jaxnet._xla import options as xla_options
+from jaxnet.losses import check_labels, check_per_example, softmax_cross_entropy
 from jaxnet.nn.layer import Layer, Params, State
-from jaxnet.losses import check_labels, softmax_cross_entropy
-from jaxnet.metrics import is_argmax
-from jaxnet.precision import (Policy, apply_with_policy, check_params, get_policy,
-                              get_training_policy)
-
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-class TrainState(NamedTuple):
-    """Everything that changes during training; a pytree.
-
-    Attributes:
-      params: the network's parameters.
-      model_state: the network's state (BatchNorm statistics); ``{}`` when it has none.
-      opt_state: the optimizer's state.
-      step: int32 scalar, the number of batches trained on.
-      key: the run's PRNG key; never advanced (randomness is derived from it and ``step``).
-    """
-
-    params: Params
-    model_state: State
-    opt_state: optax.OptState
-    step: jax.Array
-    key: jax.Array
-
-
-class Sums(NamedTuple):
-    """Metric sums over examples (float32 scalars), accumulated on the device."""
-
-    loss: jax.Array
-    correct: jax.Array
-    count: jax.Array
-    skipped: jax.Array | None = None  # batches skipped for a non-finite loss (on_nan="skip" only)
-
-    @staticmethod
-    def zeros(count_skipped: bool = False) -> Sums:
-        zero = lambda: jnp.zeros((), jnp.float32)
-        return Sums(zero(), zero(), zero(), zero() if count_skipped else None)
-
-    def __add__(self, other: Sums) -> Sums:  # None fields stay None: no work when not counted
-        return jax.tree.map(jnp.add, self, other)
-
-    def means(self) -> dict[str, float]:
-        count = max(float(self.count), 1.0)
-        return {"loss": float(self.loss) / count, "accuracy": float(self.correct) / count}
-
-
-def init_train_state(net: Layer, optimizer: optax.GradientTransformation, params: Params, *,
-                     model_state: State | None = None, key: jax.Array | None = None) -> TrainState:
-    """A fresh ``TrainState`` at step 0.
-
-    Args:
-      net: the network.
-      optimizer: any optax ``GradientTransformation`` (schedules, ``inject_hyperparams`` included).
-      params: from ``net.init``.
-      model_state: from ``net.init_with_state``; required when the network has state.
-      key: the run's PRNG key (shuffling, dropout); default ``jax.random.key(0)``.
-    """
-    if model_state is None:
-        if net.has_state:
-            raise ValueError("init_train_state: this network keeps state (e.g. BatchNorm): pass "
-                             "model_state from net.init_with_state(key, x)")
-        model_state = {}
-    with jax.numpy_dtype_promotion("standard"):  # see train_batch
-        opt_state = optimizer.init(params)
-    return TrainState(params, model_state, opt_state, jnp.zeros((), jnp.int32),
-                      jax.random.key(0) if key is None else key)
-
-
-def _is_classification(logits: jax.Array, labels: jax.Array) -> bool:
-    return (jnp.issubdtype(labels.dtype, jnp.integer) and logits.ndim == labels.ndim + 1)
-
-
-def batch_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
-               weights: jax.Array | None) -> Sums:
-    """Weighted sums of loss and correct predictions for one batch."""
-    if weights is None:
-        weights = jnp.ones(losses.shape, jnp.float32)
-    correct = is_argmax(logits, labels).astype(jnp.float32) if _is_classification(
-        logits, labels) else jnp.zeros(losses.shape, jnp.float32)
-    return Sums(jnp.sum(weights * losses.astype(jnp.float32)), jnp.sum(weights * correct),
-                jnp.sum(weights))
-
-
-ON_NAN = ("stop", "skip")
-
-
-def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn,
-                state: TrainState, x: jax.Array, y: jax.Array,
-                weights: jax.Array | None = None, on_nan: str = "stop",
-                drop_rate: jax.Array | None = None,
-                precision: str | Policy | None = None) -> tuple[TrainState, Sums]:
-    """One optimizer step on one batch (traceable; not jitted by itself).
-
-    Args:
-      x: ``(batch, *example)``; y: ``(batch, ...)`` targets.
-      weights: optional ``(batch,)`` float32 example weights (0 for padding); the loss is the
-        weighted mean.
-      on_nan: ``"stop"`` updates whatever the loss (``fit`` checks each epoch's loss);
-        ``"skip"`` keeps params, model and optimizer state unchanged when the batch's loss is
-        NaN or infinite (the step still counts), leaves the batch out of the sums and counts
-        it in ``Sums.skipped``. Only ``"skip"`` compiles the check in.
-      drop_rate: optional float32 scalar replacing the network's dropout rates (see
-        ``Layer.apply_with_state``); population training passes one per member.
-      precision: ``None`` (no casts), ``"f32"``, ``"bf16"`` or a ``jaxnet.precision.Policy``:
-        the forward pass runs in the policy's compute dtype, the loss on float32 logits, and
-        the gradients and updates of the float32 params stay float32.
-    """
-    policy = get_training_policy(precision, "train_batch")
-    step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step) if net.needs_key else None
-
-    def objective(params):
-        logits, model_state = apply_with_policy(net, policy, params, state.model_state, x,
-                                                key=step_key, train=True, drop_rate=drop_rate,
-                                                reverse_only=True)
-        losses = loss(logits, y)
-        if weights is None:
-            mean = jnp.mean(losses)
-        else:
-            mean = jnp.sum(weights * losses) / jnp.maximum(jnp.sum(weights), 1.0)
-        return mean, (model_state, logits, losses)
-
-    (mean, (model_state, logits, losses)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params)
-    # optax mixes Python floats and int32 step counts; keep it working for users who trace
-    # their own code with jax_numpy_dtype_promotion="strict".
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-    sums = batch_sums(logits, y, losses, weights)
-    trained = (params, model_state, opt_state)
-    if on_nan == "skip":
-        finite = jnp.isfinite(mean)
-        trained = jax.tree.map(lambda new, old: jnp.where(finite, new, old), trained,
-                               (state.params, state.model_state, state.opt_state))
-        sums = Sums(*(jnp.where(finite, s, 0.0) for s in sums[:3]),
-                    skipped=1.0 - finite.astype(jnp.float32))
-    return TrainState(*trained, state.step + 1, state.key), sums
-
-
-def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
-                    loss: LossFn = softmax_cross_entropy, *,
-                    precision: str | Policy | None = None) -> TrainStep:
-    """A jitted ``step(state, x, y) -> (state, metrics)`` that donates ``state``'s buffers.
-
-    ``metrics`` is a :class:`StepMetrics`, ``{"loss": mean loss, "accuracy": fraction correct}``
-    (float32 scalars on the device; reading them synchronises, so read them rarely).
-    ``precision``: see :func:`train_batch`.
-    """
-    get_training_policy(precision, "make_train_step")  # an unknown name fails here, not at the first step
-
-    def step(trained, step, key, x, y):
-        state, sums = train_batch(net, optimizer, loss, TrainState(*trained, step, key), x, y,
-                                  precision=precision)
-        metrics = jnp.stack([sums.loss, sums.correct]) / sums.count  # order of StepMetrics.NAMES
-        return (state.params, state.model_state, state.opt_state), state.step, metrics
-
-    return TrainStep(xla_options.jit(step, donate_argnums=(0, 1)), net.needs_key)
-
-
-class TrainStep:
-    """``step(state, x, y) -> (state, metrics)``, from :func:`make_train_step`.
-
-    The compiled program takes the state's params, model state, optimizer state and step (all
-    donated) and its key only when the network draws random numbers (dropout); the returned
-    state keeps the same key. Passing a typed PRNG key in and out of a jitted call costs ~5-8 us
-    of dispatch on CPU, as much as a whole step of a small MLP (docs/performance.md).
-    ``lower(state, x, y)`` lowers the program for inspection, as ``jax.jit``'s does.
-    """
-
-    def __init__(self, jitted, needs_key: bool):
-        self._jitted, self._needs_key = jitted, needs_key
-
-    def _arguments(self, state: TrainState, x, y) -> tuple:
-        return ((state.params, state.model_state, state.opt_state), state.step,
-                state.key if self._needs_key else None, x, y)
-
-    def __call__(self, state: TrainState, x, y) -> tuple[TrainState, StepMetrics]:
-        trained, step, metrics = self._jitted(*self._arguments(state, x, y))
-        return TrainState(*trained, step, state.key), StepMetrics(metrics)
-
-    def lower(self, state: TrainState, x, y):
-        return self._jitted.lower(*self._arguments(state, x, y))
-
-
-class StepMetrics(Mapping):
-    """A train step's ``{"loss": ..., "accuracy": ...}``: float32 scalars on the device.
-
-    Held as one ``(2,)`` float32 array, :attr:`values` (in the order of :data:`NAMES`): one output
-    of the compiled step rather than two, ~2 us less per call, which is a tenth of a small MLP's
-    step (docs/performance.md, finding 6). ``metrics["loss"]`` slices it on the device.
-    """
-
-    NAMES = ("loss", "accuracy")
-    _INDEX = {name: i for i, name in enumerate(NAMES)}
-
-    def __init__(self, values: jax.Array):
-        self.values = values
-
-    def __getitem__(self, name: str) -> jax.Array:
-        return self.values[self._INDEX[name]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.NAMES)
-
-    def __len__(self) -> int:
-        return len(self.NAMES)
-
-    def __repr__(self) -> str:
-        return f"StepMetrics({dict(self)})"
-
-
-def shuffled_order(key: jax.Array, n: int) -> jax.Array:
-    """A random permutation of ``arange(n)`` (int32), drawn on the device with one sort.
-
-    ``jax.random.permutation`` sorts several times; XLA:CPU's sort is slow (~6 ms for 32,000
-    elements), and for small networks that doubled an epoch's time. One sort by random 32-bit
-    keys is uniform except that the rare equal keys keep their index order.
-    """
-    keys = jax.random.bits(key, (n,), jnp.uint32)
-    return jax.lax.platform_dependent(keys, cpu=_sort_packed, default=_sort_key_val)
-
-
-def _sort_key_val(keys: jax.Array) -> jax.Array:
-    return jax.lax.sort_key_val(keys, jnp.arange(keys.shape[0], dtype=jnp.int32))[1]
-
-
-def _sort_packed(keys: jax.Array) -> jax.Array:
-    """The same permutation as :func:`_sort_key_val`, from one sort of ``key << 32 | index`` as
-    uint64: XLA:CPU sorts one array of numbers ~5x faster than keys with a payload (1.6 against
-    9.4 ms for 32,000), which was a third of a small MLP's epoch."""
-    with jax.enable_x64(True):
-        packed = keys.astype(jnp.uint64) << 32 | jnp.arange(keys.shape[0], dtype=jnp.uint64)
-        return (jax.lax.sort(packed) & 0xFFFFFFFF).astype(jnp.int32)
-
-
-def _padded_batches(n: int, batch_size: int) -> tuple[int, np.ndarray | None]:
-    """Number of batches and, when the last one is partial, the ``(batches, batch_size)`` weights."""
-    num_batches = max(math.ceil(n / batch_size), 1)
-    if n % batch_size == 0:
-        return num_batches, None
-    return num_batches, (np.arange(num_batches * batch_size) < n).astype(np.float32).reshape(
-        num_batches, batch_size)
-
-
-def _batch_indices(order, num_batches: int, batch_size: int, numpy=jnp):
-    """``order`` cut into ``(num_batches, batch_size)``, the last batch topped up from the start."""
-    return numpy.resize(order, (num_batches * batch_size,)).reshape(num_batches, batch_size)
+from jaxnet.progress import make_progress
+from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy, get_training_policy
+from jaxnet.train.engine import (EpochPlan, Sums, batch_sums, epoch_order, run_epochs,
+                                 scan_batches, take_rows)
+from jaxnet.train.state import ON_NAN, LossFn, TrainState, init_train_state, train_batch
+from jaxnet.validate import positive_int
 
 
 def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn, n: int,
@@ -282,40 +38,27 @@ def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn
 
     It is meant to be jitted whole (``fit`` does so, donating ``state``). When ``progress`` is
     given, it is called on the host every ``progress_every`` steps with
-    ``(step_in_epoch, Sums so far)`` through ``jax.debug.callback``. ``on_nan`` and
-    ``precision`` are passed to :func:`train_batch`. ``batch_sharding`` (data parallel, see
+    ``(step_in_epoch, Sums so far)``. ``on_nan`` and ``precision`` are passed to
+    :func:`jaxnet.train.train_batch`. ``batch_sharding`` (data parallel, see
     :mod:`jaxnet.data_parallel`) lays out the gathered ``(batches, batch_size, ...)`` epoch so
     that each batch is split over the devices.
+
+    Returns:
+      ``(epoch, num_batches)``.
     """
-    num_batches, weights = _padded_batches(n, batch_size)
+    plan = EpochPlan.of(n, batch_size)
+
+    def step(state, batch, weights):
+        return train_batch(net, optimizer, loss, state, *batch, weights, on_nan, precision=precision)
 
     def epoch(state, x, y, epoch_index):
-        shuffle_key = jax.random.fold_in(jax.random.fold_in(state.key, 0), epoch_index)
-        order = _batch_indices(shuffled_order(shuffle_key, n), num_batches, batch_size)
-        # One gather of the whole epoch, then contiguous batches: on XLA:CPU this is ~3x faster
-        # for small networks than gathering each batch inside the loop.
-        xs = jnp.take(x, order, axis=0, mode="clip")  # (num_batches, batch_size, *example)
-        ys = jnp.take(y, order, axis=0, mode="clip")
+        batches = take_rows((x, y), epoch_order(state.key, epoch_index, plan))
         if batch_sharding is not None:  # each step's batch split over the devices
-            xs, ys = (jax.lax.with_sharding_constraint(a, batch_sharding) for a in (xs, ys))
+            batches = jax.lax.with_sharding_constraint(batches, batch_sharding)
+        return scan_batches(step, state, batches, plan, Sums.zeros(on_nan == "skip"),
+                            progress=progress, progress_every=progress_every)
 
-        def body(carry, inputs):
-            state, sums = carry
-            i, xb, yb, batch_weights = inputs
-            state, batch = train_batch(net, optimizer, loss, state, xb, yb, batch_weights, on_nan,
-                                       precision=precision)
-            sums = sums + batch
-            if progress is not None:
-                jax.lax.cond((i + 1) % progress_every == 0,
-                             lambda: jax.debug.callback(progress, i + 1, sums), lambda: None)
-            return (state, sums), None
-
-        steps = jnp.arange(num_batches, dtype=jnp.int32)
-        inputs = (steps, xs, ys, None if weights is None else jnp.asarray(weights))
-        (state, sums), _ = jax.lax.scan(body, (state, Sums.zeros(on_nan == "skip")), inputs)
-        return state, sums
-
-    return epoch, num_batches
+    return epoch, plan.num_batches
 
 
 def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int,
@@ -328,21 +71,18 @@ def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int,
     devices (data parallel).
     """
     policy = get_policy(precision)
-    num_batches, weights = _padded_batches(n, batch_size)
-    indices = _batch_indices(np.arange(n), num_batches, batch_size, numpy=np)
+    plan = EpochPlan.of(n, batch_size)
+    indices = plan.batches(np.arange(n), numpy=np)
 
     def evaluate(params, model_state, x, y):
-        def body(sums, inputs):
-            batch_indices, batch_weights = inputs
-            xb, yb = jnp.take(x, batch_indices, axis=0), jnp.take(y, batch_indices, axis=0)
+        def step(carry, batch_indices, weights):
+            xb, yb = take_rows((x, y), batch_indices)
             if batch_sharding is not None:
-                xb, yb = (jax.lax.with_sharding_constraint(a, batch_sharding) for a in (xb, yb))
-            logits, _ = apply_with_policy(net, policy, params, model_state, xb)
-            batch = batch_sums(logits, yb, loss(logits, yb), batch_weights)
-            return sums + batch, None
+                xb, yb = jax.lax.with_sharding_constraint((xb, yb), batch_sharding)
+            logits, _ = apply_with_policy(net, policy, params, model_state, xb, batch_ndim=1)
+            return carry, batch_sums(logits, yb, check_per_example(loss(logits, yb), xb.shape[0], "evaluate"), weights)
 
-        xs = (indices, None if weights is None else jnp.asarray(weights))
-        return jax.lax.scan(body, Sums.zeros(), xs)[0]
+        return scan_batches(step, (), jnp.asarray(indices), plan, Sums.zeros())[1]
 
     return evaluate
 
@@ -381,8 +121,9 @@ def _check_data(net: Layer, params: Params, x, y, what: str) -> None:
     if x.shape[0] == 0:
         raise ValueError(f"{what}: no examples")
     if jnp.issubdtype(y.dtype, jnp.integer):
-        out = jax.eval_shape(lambda p, v: net.apply_with_state(p, _zero_state(net, p, v), v)[0],
-                             params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        out = jax.eval_shape(
+            lambda p, v: net.apply_with_state(p, _zero_state(net, p, v), v, batch_ndim=1)[0],
+            params, jax.ShapeDtypeStruct(x.shape, x.dtype))
         if out.ndim == 2:
             check_labels(np.asarray(y), out.shape[-1], f"{what} labels")
 
@@ -423,7 +164,8 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
       progress: show a progress bar (default: when stderr is a terminal).
       progress_every: steps between progress updates from the device (default: ~50 per epoch).
       on_epoch: called as ``on_epoch(record, state)`` after each epoch, before the next starts
-        (never for an epoch whose loss is not finite).
+        (never for an epoch whose loss is not finite), with a copy of the state that it may
+        keep.
       on_nan: ``"stop"`` (default) raises after an epoch whose training loss is NaN or infinite;
         ``"skip"`` skips the update of every batch with a non-finite loss inside the compiled
         step and reports ``skipped_batches`` per epoch (it stops only when a whole epoch is
@@ -449,101 +191,99 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
     Raises:
       FloatingPointError: the training loss became NaN or infinite (names the epoch and steps).
     """
-    from jaxnet import data_parallel as parallel
-    from jaxnet.progress import make_progress
-
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"fit: epochs must be a positive integer, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"fit: batch_size must be a positive integer, got {batch_size!r}")
+    positive_int("fit", "epochs", epochs)
+    positive_int("fit", "batch_size", batch_size)
     if on_nan not in ON_NAN:
         raise ValueError(f"fit: on_nan must be one of {', '.join(ON_NAN)}; got {on_nan!r}")
     policy = get_training_policy(precision, "fit")
     check_params(policy, params.params if isinstance(params, TrainState) else params, "fit")
     x, y = map(jnp.asarray if mesh is None else np.asarray, train_data)  # a mesh: placed below
-    n = x.shape[0]
-    if num_examples is not None:  # this process's rows only: placed with parallel.shard_rows
-        if mesh is None:
-            raise ValueError("fit: num_examples is for a mesh (train_data then holds one "
-                             "process's rows); pass mesh too, or the whole train_data alone")
-        n = num_examples
+    n = x.shape[0] if num_examples is None else num_examples
+    if num_examples is not None and mesh is None:
+        raise ValueError("fit: num_examples is for a mesh (train_data then holds one "
+                         "process's rows); pass mesh too, or the whole train_data alone")
     if x.shape[0] or num_examples is None:  # a process's block may be empty (padding only)
         _check_data(net, params.params if isinstance(params, TrainState) else params, x, y,
                     "train_data")
-    if isinstance(params, TrainState):
-        state = params
-    else:
-        if model_state is None and net.has_state:
-            model_state = net.init_with_state(
-                jax.random.key(0), jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))[1]
-        state = init_train_state(net, optimizer, params, model_state=model_state, key=key)
-    state = jax.tree.map(jnp.copy, state)  # the epochs donate it; the caller's arrays stay valid
+    state = _initial_state(net, optimizer, params, model_state, key, x)
     batch_size = min(batch_size, n)
     shardings, epoch_layout, eval_layout = {}, None, None
     if mesh is not None:  # data parallel; the layout is described in jaxnet/data_parallel.py
         parallel.check_batch_size(mesh, batch_size, "fit: batch_size")
-        if num_examples is None:
-            x, y = parallel.place_rows(mesh, x), parallel.place_rows(mesh, y)
-        else:
-            x, y = parallel.shard_rows(mesh, x, n), parallel.shard_rows(mesh, y, n)
-        state = parallel.replicate(mesh, state)
+        place = parallel.place_rows if num_examples is None else (
+            lambda m, a: parallel.shard_rows(m, a, n))
+        x, y, state = place(mesh, x), place(mesh, y), parallel.replicate(mesh, state)
         shardings = {"out_shardings": parallel.replicated(mesh)}
         epoch_layout, eval_layout = parallel.row_sharding(mesh, 1), parallel.row_sharding(mesh)
-    steps_per_epoch = max(math.ceil(n / batch_size), 1)
-    progress_every = progress_every or max(steps_per_epoch // 50, 1)
-    reporter = make_progress(progress, epochs, steps_per_epoch)
+    plan = EpochPlan.of(n, batch_size)
+    reporter = make_progress(progress, epochs, plan.num_batches)
     epoch_fn, _ = make_epoch(net, optimizer, loss, n, batch_size,
-                             reporter.update if reporter.active else None, progress_every, on_nan,
+                             reporter.update if reporter.active else None,
+                             progress_every or max(plan.num_batches // 50, 1), on_nan,
                              precision=policy, batch_sharding=epoch_layout)
 
     start = time.perf_counter()
-    run_epoch = xla_options.jit(epoch_fn, donate_argnums=0, **shardings).lower(
+    compiled = xla_options.jit(epoch_fn, donate_argnums=0, **shardings).lower(
         state, x, y, jnp.int32(0)).compile()
+    evaluate_state = None
     if eval_data is not None:
-        x_eval, y_eval = map(jnp.asarray if mesh is None else np.asarray, eval_data)
-        _check_data(net, state.params, x_eval, y_eval, "eval_data")
-        eval_size = min(eval_batch_size, x_eval.shape[0])
-        if mesh is not None:  # whole on every device; each batch split over them (masked padding)
-            x_eval, y_eval = parallel.replicate(mesh, (x_eval, y_eval))
-            eval_size = parallel.round_up_to_devices(mesh, eval_size)
-        run_eval = xla_options.jit(make_evaluate(net, loss, x_eval.shape[0], eval_size,
-                                                 precision=policy, batch_sharding=eval_layout),
-                                   forward_rows=eval_size, **shardings).lower(
-            state.params, state.model_state, x_eval, y_eval).compile()
+        evaluate_state = _compile_evaluation(net, loss, eval_data, eval_batch_size, policy, mesh,
+                                             eval_layout, shardings, state)
     compile_seconds = time.perf_counter() - start
 
-    done, rest = divmod(int(state.step), steps_per_epoch)
+    done, rest = divmod(int(state.step), plan.num_batches)
     if rest:
         raise ValueError(f"fit: the state is at step {int(state.step)}, inside epoch {done + 1} "
-                         f"({steps_per_epoch} steps per epoch); continue from an epoch boundary")
-    history = []
-    with reporter:
-        for epoch in range(done, epochs):
-            reporter.start_epoch(epoch + 1)
-            start = time.perf_counter()
-            state, sums = run_epoch(state, x, y, jnp.int32(epoch))
-            train = sums.means()  # waits for the epoch to finish
-            train_seconds = time.perf_counter() - start
-            steps = f"steps {epoch * steps_per_epoch + 1}-{(epoch + 1) * steps_per_epoch}"
-            if not math.isfinite(train["loss"]):
-                raise FloatingPointError(f"fit: the training loss became {train['loss']} in epoch "
-                                         f"{epoch + 1} ({steps}); lower the learning rate?")
-            record = {"epoch": epoch + 1, "train_loss": train["loss"],
-                      "train_accuracy": train["accuracy"]}
-            if on_nan == "skip":
-                record["skipped_batches"] = int(sums.skipped)
-                if record["skipped_batches"] == steps_per_epoch:
-                    raise FloatingPointError(f"fit: the training loss was NaN or infinite in every "
-                                             f"batch of epoch {epoch + 1} ({steps}); all skipped")
-            if eval_data is not None:
-                test = run_eval(state.params, state.model_state, x_eval, y_eval).means()
-                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-            record.update(seconds=time.perf_counter() - start,
-                          examples_per_second=n / train_seconds)
-            if not history:
-                record["compile_seconds"] = compile_seconds
-            history.append(record)
-            reporter.end_epoch(record)
-            if on_epoch is not None:
-                on_epoch(record, state)
-    return state, history
+                         f"({plan.num_batches} steps per epoch); continue from an epoch boundary")
+    return run_epochs(state, lambda state, epoch: compiled(state, x, y, epoch),
+                      first_epoch=done, epochs=epochs, reporter=reporter,
+                      train_record=lambda sums, epoch: _train_record(sums, epoch, plan, on_nan),
+                      evaluate=evaluate_state, examples=n, compile_seconds=compile_seconds,
+                      on_epoch=on_epoch)
+
+
+def _initial_state(net: Layer, optimizer, params, model_state, key, x) -> TrainState:
+    """The state ``fit`` starts from, in arrays of its own (the epochs donate them)."""
+    if isinstance(params, TrainState):
+        return jax.tree.map(jnp.copy, params)
+    if model_state is None and net.has_state:
+        model_state = net.init_with_state(
+            jax.random.key(0), jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))[1]
+    return init_train_state(net, optimizer, params, model_state=model_state, key=key)
+
+
+def _compile_evaluation(net, loss, eval_data, eval_batch_size, policy, mesh, eval_layout,
+                        shardings, state) -> Callable[[TrainState], dict]:
+    """``state -> {"test_loss": ..., "test_accuracy": ...}``, compiled for ``eval_data``."""
+    x_eval, y_eval = map(jnp.asarray if mesh is None else np.asarray, eval_data)
+    _check_data(net, state.params, x_eval, y_eval, "eval_data")
+    eval_size = min(eval_batch_size, x_eval.shape[0])
+    if mesh is not None:  # whole on every device; each batch split over them (masked padding)
+        x_eval, y_eval = parallel.replicate(mesh, (x_eval, y_eval))
+        eval_size = parallel.round_up_to_devices(mesh, eval_size)
+    compiled = xla_options.jit(make_evaluate(net, loss, x_eval.shape[0], eval_size,
+                                             precision=policy, batch_sharding=eval_layout),
+                               forward_rows=eval_size, **shardings).lower(
+        state.params, state.model_state, x_eval, y_eval).compile()
+
+    def evaluate_state(state):
+        test = compiled(state.params, state.model_state, x_eval, y_eval).means()
+        return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+
+    return evaluate_state
+
+
+def _train_record(sums: Sums, epoch: int, plan: EpochPlan, on_nan: str) -> dict:
+    """The epoch's train metrics; raises ``FloatingPointError`` for a non-finite loss."""
+    train = sums.means()  # waits for the epoch to finish
+    steps = f"steps {epoch * plan.num_batches + 1}-{(epoch + 1) * plan.num_batches}"
+    if not math.isfinite(train["loss"]):
+        raise FloatingPointError(f"fit: the training loss became {train['loss']} in epoch "
+                                 f"{epoch + 1} ({steps}); lower the learning rate?")
+    record = {"train_loss": train["loss"], "train_accuracy": train["accuracy"]}
+    if on_nan == "skip":
+        record["skipped_batches"] = int(sums.skipped)
+        if record["skipped_batches"] == plan.num_batches:
+            raise FloatingPointError(f"fit: the training loss was NaN or infinite in every "
+                                     f"batch of epoch {epoch + 1} ({steps}); all skipped")
+    return record

@@ -1,0 +1,219 @@
+"""The epoch driver shared by ``fit``, ``evaluate`` and ``fit_population``.
+
+On the device: an epoch's shuffled order cut into fixed-size batches (the last one topped up
+with real examples that carry weight zero, so every batch has one static shape and nothing
+recompiles), one gather of the epoch's data, and a ``lax.scan`` over the batches that sums the
+metrics and reports progress through ``jax.debug.callback``. On the host: :func:`run_epochs`,
+the loop over epochs that times them, evaluates, builds the history records and calls the
+callbacks with copies of the state they may keep.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet.metrics import is_argmax
+
+
+class Sums(NamedTuple):
+    """Metric sums over examples (float32 scalars, or ``(K,)`` for K population members)."""
+
+    loss: jax.Array
+    correct: jax.Array
+    count: jax.Array
+    skipped: jax.Array | None = None  # batches skipped for a non-finite loss (on_nan="skip" only)
+
+    @staticmethod
+    def zeros(count_skipped: bool = False, shape: tuple[int, ...] = ()) -> Sums:
+        zero = lambda: jnp.zeros(shape, jnp.float32)  # noqa: E731
+        return Sums(zero(), zero(), zero(), zero() if count_skipped else None)
+
+    def __add__(self, other: Sums) -> Sums:  # None fields stay None: no work when not counted
+        return jax.tree.map(jnp.add, self, other)
+
+    def means(self) -> dict[str, float]:
+        count = max(float(self.count), 1.0)
+        return {"loss": float(self.loss) / count, "accuracy": float(self.correct) / count}
+
+
+def _is_classification(logits: jax.Array, labels: jax.Array) -> bool:
+    return jnp.issubdtype(labels.dtype, jnp.integer) and logits.ndim == labels.ndim + 1
+
+
+def batch_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
+               weights: jax.Array | None) -> Sums:
+    """Weighted sums of loss and correct predictions for one batch.
+
+    Args:
+      logits: ``(batch, classes)`` outputs, or ``(batch, time, classes)`` for per-token labels;
+      labels: ``(batch,)`` or ``(batch, time)`` integers (negative labels mark padded tokens,
+        which count for nothing), or targets of another task, which count no correct
+        predictions; losses: ``(batch,)``; weights: ``(batch,)`` or None.
+
+    Per-token accuracy counts each example as the fraction of its real tokens predicted right.
+    """
+    if weights is None:
+        weights = jnp.ones(losses.shape, jnp.float32)
+    if _is_classification(logits, labels):
+        right = is_argmax(logits, labels).astype(jnp.float32)
+        if labels.ndim > 1:  # per token: each example's fraction over its real tokens
+            token_axes = tuple(range(1, labels.ndim))
+            real = jnp.sum((labels >= 0).astype(jnp.float32), axis=token_axes)
+            right = jnp.sum(right, axis=token_axes) / jnp.maximum(real, 1.0)
+        correct = right
+    else:
+        correct = jnp.zeros(losses.shape, jnp.float32)
+    return Sums(jnp.sum(weights * losses.astype(jnp.float32)), jnp.sum(weights * correct),
+                jnp.sum(weights))
+
+
+class EpochPlan(NamedTuple):
+    """How ``n`` examples are cut into batches of ``batch_size``.
+
+    Attributes:
+      n, batch_size, num_batches: sizes (``num_batches = ceil(n / batch_size)``).
+      weights: ``(num_batches, batch_size)`` float32, 0 for the padding of a partial last
+        batch; ``None`` when ``batch_size`` divides ``n``.
+    """
+
+    n: int
+    batch_size: int
+    num_batches: int
+    weights: np.ndarray | None
+
+    @staticmethod
+    def of(n: int, batch_size: int) -> EpochPlan:
+        num_batches = max(math.ceil(n / batch_size), 1)
+        weights = None
+        if n % batch_size:
+            weights = (np.arange(num_batches * batch_size) < n).astype(np.float32).reshape(
+                num_batches, batch_size)
+        return EpochPlan(n, batch_size, num_batches, weights)
+
+    def batches(self, order, numpy=jnp):
+        """``order`` (``(n,)`` indices) cut into ``(num_batches, batch_size)``, the last batch
+        topped up from the start."""
+        return numpy.resize(order, (self.num_batches * self.batch_size,)).reshape(
+            self.num_batches, self.batch_size)
+
+
+def shuffled_order(key: jax.Array, n: int) -> jax.Array:
+    """A random permutation of ``arange(n)`` (int32), drawn on the device with one sort.
+
+    ``jax.random.permutation`` sorts several times, and XLA:CPU's sort is slow enough that for
+    small networks it doubled an epoch's time (docs/performance.md, finding 6). One sort by
+    random 32-bit keys is uniform except that the rare equal keys keep their index order.
+    """
+    keys = jax.random.bits(key, (n,), jnp.uint32)
+    return jax.lax.platform_dependent(keys, cpu=_sort_packed, default=_sort_key_val)
+
+
+def _sort_key_val(keys: jax.Array) -> jax.Array:
+    return jax.lax.sort_key_val(keys, jnp.arange(keys.shape[0], dtype=jnp.int32))[1]
+
+
+def _sort_packed(keys: jax.Array) -> jax.Array:
+    """The same permutation as :func:`_sort_key_val`, from one sort of ``key << 32 | index`` as
+    uint64: XLA:CPU sorts one array of numbers much faster than keys with a payload
+    (docs/performance.md, finding 6)."""
+    with jax.enable_x64(True):
+        packed = keys.astype(jnp.uint64) << 32 | jnp.arange(keys.shape[0], dtype=jnp.uint64)
+        return (jax.lax.sort(packed) & 0xFFFFFFFF).astype(jnp.int32)
+
+
+def epoch_order(run_key: jax.Array, epoch_index, plan: EpochPlan) -> jax.Array:
+    """The ``(num_batches, batch_size)`` example indices of epoch ``epoch_index``: a shuffle
+    drawn from ``fold_in(fold_in(run_key, 0), epoch_index)``, so any epoch replays exactly."""
+    key = jax.random.fold_in(jax.random.fold_in(run_key, 0), epoch_index)
+    return plan.batches(shuffled_order(key, plan.n))
+
+
+def take_rows(data, indices: jax.Array):
+    """``data`` (an array or a pytree of arrays with examples on axis 0) at ``indices``.
+
+    One gather of a whole epoch followed by contiguous batches runs much faster on XLA:CPU
+    than a gather per batch inside the loop (docs/performance.md, finding 1).
+    """
+    return jax.tree.map(lambda a: jnp.take(a, indices, axis=0, mode="clip"), data)
+
+
+def scan_batches(step: Callable, carry, batches, plan: EpochPlan, sums: Sums, *,
+                 progress: Callable | None = None, progress_every: int = 1,
+                 pooled: Callable[[Sums], Sums] = lambda sums: sums):
+    """``lax.scan`` of ``step(carry, batch, weights) -> (carry, Sums)`` over the epoch's batches.
+
+    Args:
+      batches: a pytree whose leaves have a leading ``(num_batches,)`` axis.
+      sums: the zero sums the batches' sums are added to.
+      progress: called on the host every ``progress_every`` steps with the step within the
+        epoch and ``pooled(sums so far)``.
+
+    Returns:
+      ``(carry, sums)``.
+    """
+    def body(state, inputs):
+        carry, sums = state
+        i, batch, weights = inputs
+        carry, batch_sums_ = step(carry, batch, weights)
+        sums = sums + batch_sums_
+        if progress is not None:
+            jax.lax.cond((i + 1) % progress_every == 0,
+                         lambda: jax.debug.callback(progress, i + 1, pooled(sums)), lambda: None)
+        return (carry, sums), None
+
+    inputs = (jnp.arange(plan.num_batches, dtype=jnp.int32), batches,
+              None if plan.weights is None else jnp.asarray(plan.weights))
+    (carry, sums), _ = jax.lax.scan(body, (carry, sums), inputs)
+    return carry, sums
+
+
+def kept_copy(tree):
+    """A copy of ``tree``'s arrays that no later (donating) call can delete."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def run_epochs(state, run_epoch: Callable, *, first_epoch: int, epochs: int, reporter,
+               train_record: Callable[[Any, int], dict], evaluate: Callable | None,
+               examples: int, compile_seconds: float,
+               on_epoch: Callable[[dict, Any], None] | None = None,
+               display: Callable[[dict], dict] = lambda record: record) -> tuple[Any, list[dict]]:
+    """The host's loop over epochs ``first_epoch .. epochs - 1``.
+
+    Args:
+      state: what ``run_epoch(state, epoch_index) -> (state, sums)`` trains (donated to it).
+      train_record: ``(sums, epoch) -> {"train_loss": ..., ...}``; it reads the sums, which
+        waits for the epoch, and may raise (a non-finite loss).
+      evaluate: ``state -> {"test_loss": ..., ...}``, or ``None``.
+      examples: examples trained on per epoch (for ``examples_per_second``).
+      on_epoch: ``on_epoch(record, state)`` after each epoch, with a copy of the state.
+      display: the record as the progress reporter shows it.
+
+    Returns:
+      ``(state, history)``: one record per epoch with ``epoch``, the train and test metrics,
+      ``seconds`` and ``examples_per_second``; the first also has ``compile_seconds``.
+    """
+    history: list[dict] = []
+    with reporter:
+        for epoch in range(first_epoch, epochs):
+            reporter.start_epoch(epoch + 1)
+            start = time.perf_counter()
+            state, sums = run_epoch(state, jnp.int32(epoch))
+            record = {"epoch": epoch + 1, **train_record(sums, epoch)}
+            train_seconds = time.perf_counter() - start
+            if evaluate is not None:
+                record.update(evaluate(state))
+            record.update(seconds=time.perf_counter() - start,
+                          examples_per_second=examples / train_seconds)
+            if not history:
+                record["compile_seconds"] = compile_seconds
+            history.append(record)
+            reporter.end_epoch(display(record))
+            if on_epoch is not None:
+                on_epoch(record, kept_copy(state))
+    return state, history
