@@ -25,6 +25,7 @@ a population's traced dropout rates, reverse-mode-only kernels) lives in a trace
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -133,8 +134,9 @@ class Layer:
             raise ShapeError(
                 f"{self._top_path() or 'network'}: init expects an example batch with a leading "
                 "batch axis (e.g. x[:1]); got a scalar")
-        params, state, _ = init_child(self, self._top_path(), check_key(key), spec)
-        return params, state
+        leaves, treedef = jax.tree.flatten(spec)
+        return _compiled_init(self, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))(
+            check_key(key))
 
     def apply(self, params: Params, x: Array, *, key: Array | None = None,
               train: bool = False, batch_ndim: int | None = None) -> Array:
@@ -224,6 +226,14 @@ class Layer:
         """The path of this layer when it is the whole network: its kind for a leaf;
         empty for a composite, so that its children are named ``dense_1``, not ``serial/dense_1``."""
         return "" if self.children() else self.kind
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled_init(layer: Layer, treedef, leaves: tuple):
+    """``key -> (params, state)`` for inputs of these shapes, compiled once: one program
+    instead of an eager dispatch per weight."""
+    spec = treedef.unflatten([jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
+    return jax.jit(lambda key: init_child(layer, layer._top_path(), key, spec)[:2])
 
 
 def require_key(key: Array | None, layer: str = "this layer") -> Array:
