@@ -261,19 +261,8 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
     start = time.perf_counter()
     compiled = xla_options.jit(epoch_fn, donate_argnums=0).lower(
         population, x, y, jnp.int32(0)).compile()
-    evaluate_members = None
-    if eval_data is not None:
-        x_eval, y_eval = map(jnp.asarray, eval_data)
-        _check_data(net, first.params, x_eval, y_eval, "eval_data")
-        evaluate = make_evaluate(net, loss, x_eval.shape[0], min(eval_batch_size, x_eval.shape[0]),
-                                 precision=precision)
-        compiled_eval = xla_options.jit(jax.vmap(evaluate, (0, 0, None, None))).lower(
-            population.members.params, population.members.model_state, x_eval, y_eval).compile()
-
-        def evaluate_members(population):
-            test = _per_member(compiled_eval(population.members.params,
-                                             population.members.model_state, x_eval, y_eval))
-            return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+    evaluate_members = None if eval_data is None else _compile_member_evaluation(
+        net, loss, eval_data, eval_batch_size, precision, population)
     compile_seconds = time.perf_counter() - start
 
     def train_record(sums, epoch):
@@ -285,6 +274,24 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
                       train_record=train_record, evaluate=evaluate_members,
                       examples=n * population.size, compile_seconds=compile_seconds,
                       on_epoch=on_epoch, display=_summary_record)
+
+
+def _compile_member_evaluation(net, loss, eval_data, eval_batch_size, precision,
+                               population: Population) -> Callable[[Population], dict]:
+    """``population -> {"test_loss": [...], "test_accuracy": [...]}``, compiled for ``eval_data``."""
+    x_eval, y_eval = map(jnp.asarray, eval_data)
+    _check_data(net, population.member(0).params, x_eval, y_eval, "eval_data")
+    evaluate = make_evaluate(net, loss, x_eval.shape[0], min(eval_batch_size, x_eval.shape[0]),
+                             precision=precision)
+    compiled = xla_options.jit(jax.vmap(evaluate, (0, 0, None, None))).lower(
+        population.members.params, population.members.model_state, x_eval, y_eval).compile()
+
+    def evaluate_members(population):
+        test = _per_member(compiled(population.members.params, population.members.model_state,
+                                    x_eval, y_eval))
+        return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+
+    return evaluate_members
 
 
 def _finite_mean(values: list[float]) -> float:

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxnet._xla import dense_ops
 from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, param_dtype, require_feature_axis,

@@ -138,3 +138,40 @@ def split_keys(children, key: Array | None, train: bool) -> list[Array | None]:
     for i, k in zip(needy, split):
         keys[i] = k
     return keys
+
+
+def init_into(name: str, child, key: Array, x, params: Params, state: State):
+    """Initialises ``child`` as the sub-layer ``name`` into the ``params``/``state`` dicts being
+    built (children without params or state are left out); returns its output spec."""
+    p, s, y = init_child(child, name, key, x)
+    if p:
+        params[name] = p
+    if s:
+        state[name] = s
+    return y
+
+
+class ChildRunner:
+    """Runs a composite layer's children by name, for its ``forward``.
+
+    ``run = ChildRunner(self, params, state, key, train)`` splits the key among the children that
+    need one; ``run("dense", x)`` applies the child named ``dense`` to ``x`` with its own params,
+    state and key, and ``run.new_state`` collects the children's new state (children without
+    state left out), ready to return.
+    """
+
+    def __init__(self, layer, params, state, key, train):
+        children = layer.children()
+        self.layers = dict(children)
+        self.keys = dict(zip(self.layers, split_keys(children, key, train)))
+        self.params, self.state, self.train, self.new_state = params, state, train, {}
+
+    def __contains__(self, name):
+        return name in self.layers
+
+    def __call__(self, name, x):
+        y, s = apply_child(self.layers[name], name, self.params.get(name, {}),
+                           self.state.get(name, {}), x, train=self.train, key=self.keys[name])
+        if s:
+            self.new_state[name] = s
+        return y

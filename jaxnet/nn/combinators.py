@@ -16,7 +16,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxnet.nn.layer import (Layer, Params, ShapeError, State, apply_child, init_child, shape_str,
+from jaxnet.nn.calls import init_into
+from jaxnet.nn.layer import (Layer, ShapeError, apply_child, init_child, shape_str,
                              split_keys)
 
 
@@ -45,17 +46,6 @@ def _child_names(layers: tuple[Layer, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _init_into(name: str, child: Layer, key, x: jax.ShapeDtypeStruct, params: Params,
-               state: State) -> jax.ShapeDtypeStruct:
-    """Initialises ``child`` into ``params``/``state`` under ``name``; returns its output spec."""
-    p, s, y = init_child(child, name, key, x)
-    if p:
-        params[name] = p
-    if s:
-        state[name] = s
-    return y
-
-
 @dataclasses.dataclass(frozen=True, repr=False)
 class Serial(Layer):
     """Layers applied one after another; see :func:`serial`."""
@@ -73,7 +63,7 @@ class Serial(Layer):
         params, state = {}, {}
         children = self.children()
         for (name, child), k in zip(children, jax.random.split(key, max(len(children), 1))):
-            x = _init_into(name, child, k, x, params, state)
+            x = init_into(name, child, k, x, params, state)
         return params, state
 
     def forward(self, params, state, x, *, train, key):
@@ -108,19 +98,19 @@ class Parallel(Layer):
     def init_params(self, key, x):
         params, state = {}, {}
         children = self.children()
-        outputs = [_init_into(name, child, k, x, params, state)
+        outputs = [init_into(name, child, k, x, params, state)
                    for (name, child), k in zip(children, jax.random.split(key, len(children)))]
         shapes = {name: y.shape for (name, _), y in zip(children, outputs)}
         if self.fan_in == "sum" and len(set(shapes.values())) > 1:
-            raise ShapeError(f"fan_in='sum' needs branch outputs of one shape; got "
+            raise ShapeError("fan_in='sum' needs branch outputs of one shape; got "
                              + ", ".join(f"{n} {shape_str(s[1:])}" for n, s in shapes.items()))
         if self.fan_in == "concat" and any(len(s) < 2 for s in shapes.values()):
             # without a feature axis the last axis is the batch axis: concat would join examples
-            raise ShapeError(f"fan_in='concat' joins the last axis and needs branch "
+            raise ShapeError("fan_in='concat' joins the last axis and needs branch "
                              "outputs with a feature axis; got " + ", ".join(
                                  f"{n} {shape_str(s[1:])}" for n, s in shapes.items()))
         if self.fan_in == "concat" and len({s[:-1] for s in shapes.values()}) > 1:
-            raise ShapeError(f"fan_in='concat' joins the last axis and needs the other axes "
+            raise ShapeError("fan_in='concat' joins the last axis and needs the other axes "
                              "equal; got " + ", ".join(f"{n} {shape_str(s[1:])}" for n, s in shapes.items()))
         return params, state
 

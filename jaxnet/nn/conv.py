@@ -33,6 +33,19 @@ def _as_tuple(layer: str, name: str, value, ndim: int) -> tuple[int, ...]:
     return values
 
 
+def spatial_kernel(kind: str, kernel_size) -> tuple[str, tuple[int, ...]]:
+    """``("Conv2D", (3, 3))`` for ``kind="Conv"`` and ``(3, 3)``: the layer's name for messages
+    and the kernel size, checked to hold 1 to 3 positive sizes."""
+    if isinstance(kernel_size, (int, np.integer)):
+        raise ValueError(f"{kind}: kernel_size needs one size per spatial axis, e.g. (3, 3), got "
+                         f"{kernel_size!r}; {kind}1D and {kind}2D also take an int")
+    name = f"{kind}{len(tuple(kernel_size))}D"
+    kernel = _as_tuple(name, "kernel_size", kernel_size, len(tuple(kernel_size)))
+    if len(kernel) not in (1, 2, 3):
+        raise ValueError(f"{name}: kernel_size needs 1 to 3 spatial sizes, got {kernel_size!r}")
+    return name, kernel
+
+
 def _as_padding(layer: str, padding, ndim: int) -> Padding:
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID"):
@@ -105,15 +118,9 @@ class Conv(Layer):
         return len(self.kernel_size) + 1
 
     def __post_init__(self):
-        if isinstance(self.kernel_size, (int, np.integer)):
-            raise ValueError(f"Conv: kernel_size needs one size per spatial axis, e.g. (3, 3), got "
-                             f"{self.kernel_size!r}; Conv1D and Conv2D also take an int")
-        name = f"Conv{len(self.kernel_size)}D"
+        name, kernel = spatial_kernel("Conv", self.kernel_size)
         check_positive(name, "features", self.features)
-        kernel = _as_tuple(name, "kernel_size", self.kernel_size, len(tuple(self.kernel_size)))
         ndim = len(kernel)
-        if ndim not in (1, 2, 3):
-            raise ValueError(f"{name}: kernel_size needs 1 to 3 spatial sizes, got {self.kernel_size!r}")
         object.__setattr__(self, "kernel_size", kernel)
         object.__setattr__(self, "strides", _as_tuple(name, "strides", self.strides, ndim))
         object.__setattr__(self, "dilation", _as_tuple(name, "dilation", self.dilation, ndim))

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The protocol's helpers, importable from here by layer modules and layer authors alike.
 from jaxnet.nn.calls import (Array, Params, ShapeError, State, TraceOptions, _tracing,  # noqa: F401
                              apply_child, init_child, join_path, recording, split_keys,
                              trace_options)

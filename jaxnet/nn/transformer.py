@@ -11,48 +11,16 @@ import jax.numpy as jnp
 
 from jaxnet.nn.attention import MultiHeadAttention
 from jaxnet.nn.basic import Dense, Dropout, Embedding, check_positive
-from jaxnet.nn.layer import (Layer, ShapeError, apply_child, init_child, require_example_ndim,
-                             require_feature_axis, require_floating, split_keys)
+from jaxnet.nn.calls import ChildRunner, init_into
+from jaxnet.validate import probability
+from jaxnet.nn.layer import (Layer, ShapeError, require_example_ndim,
+                             require_feature_axis, require_floating)
 from jaxnet.nn.norm import LayerNorm, RMSNorm
 from jaxnet.nn.positional import (LearnedPositionalEmbedding, SinusoidalPositionalEncoding,
                                   rejoin, sequence_and_mask)
 
 _NORMS = {"layer": LayerNorm, "rms": RMSNorm}
 POSITIONALS = ("learned", "sinusoidal", "rotary")
-
-
-def _check_rate(layer: str, drop_rate) -> None:
-    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
-        raise ValueError(f"{layer}: drop_rate must be in [0, 1), got {drop_rate!r}")
-
-
-class _Runner:
-    """Runs a composite's children by name with their params, state and keys; collects new state."""
-
-    def __init__(self, layer, params, state, key, train):
-        children = layer.children()
-        self.layers = dict(children)
-        self.keys = dict(zip(self.layers, split_keys(children, key, train)))
-        self.params, self.state, self.train, self.new_state = params, state, train, {}
-
-    def __contains__(self, name):
-        return name in self.layers
-
-    def __call__(self, name, x):
-        y, s = apply_child(self.layers[name], name, self.params.get(name, {}),
-                           self.state.get(name, {}), x, train=self.train, key=self.keys[name])
-        if s:
-            self.new_state[name] = s
-        return y
-
-
-def _init_into(name, child, key, x, params, state):
-    p, s, y = init_child(child, name, key, x)
-    if p:
-        params[name] = p
-    if s:
-        state[name] = s
-    return y
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -134,7 +102,7 @@ class TransformerBlock(Layer):
     def __post_init__(self):
         if self.mlp_features is not None:
             check_positive("TransformerBlock", "mlp_features", self.mlp_features)
-        _check_rate("TransformerBlock", self.drop_rate)
+        probability("TransformerBlock", "drop_rate", self.drop_rate)
         if self.norm not in _NORMS:
             raise ValueError(f"TransformerBlock: norm must be one of {sorted(_NORMS)}, got {self.norm!r}")
         self._attention()  # checks num_heads, num_kv_heads, causal, rotary
@@ -158,13 +126,13 @@ class TransformerBlock(Layer):
         for (name, child), k in zip(self.children(), jax.random.split(key, len(self.children()))):
             if name == "mlp_norm":
                 h = seq  # the residual sum has the input's shape and dtype
-            h = _init_into(name, child, k, (h, mask) if name == "attention" and mask is not None else h,
+            h = init_into(name, child, k, (h, mask) if name == "attention" and mask is not None else h,
                            params, state)
         return params, state
 
     def forward(self, params, state, x, *, train, key):
         seq, mask = sequence_and_mask(x)
-        run = _Runner(self, params, state, key, train)
+        run = ChildRunner(self, params, state, key, train)
         h = run("attention_norm", seq)
         h = run("attention", h if mask is None else (h, mask))
         y = seq + (run("attention_dropout", h) if "attention_dropout" in run else h)
@@ -196,7 +164,7 @@ class _TokenTransformer(Layer):
             check_positive(name, field, getattr(self, field))
         if self.positional not in POSITIONALS:
             raise ValueError(f"{name}: positional must be one of {list(POSITIONALS)}, got {self.positional!r}")
-        _check_rate(name, self.drop_rate)
+        probability(name, "drop_rate", self.drop_rate)
         pad = self.pad_id
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)
                                 or not 0 <= pad < self.vocab_size):
@@ -237,7 +205,7 @@ class _TokenTransformer(Layer):
                 x = self._head_input(x, mask)
             elif name.startswith("block_") and mask is not None:
                 x = (x, mask)
-            x = _init_into(name, child, k, x, params, state)
+            x = init_into(name, child, k, x, params, state)
             if isinstance(x, tuple):
                 x = x[0]
         return params, state
@@ -245,7 +213,7 @@ class _TokenTransformer(Layer):
     def _features(self, params, state, tokens, train, key):
         """The final-norm features ``(batch, time, features)``, the mask, and the runner."""
         self._check_tokens(tokens)
-        run = _Runner(self, params, state, key, train)
+        run = ChildRunner(self, params, state, key, train)
         mask = None if self.pad_id is None else tokens != self.pad_id
         h = run("embedding", tokens)
         for name in ("positional", "dropout"):

@@ -10,13 +10,12 @@ import math
 from typing import Any, ClassVar, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from jaxnet._xla import conv_ops
 from jaxnet.nn.basic import check_positive
-from jaxnet.nn.conv import Padding, _as_padding, _as_tuple, _layout
+from jaxnet.nn.conv import Padding, _as_padding, _as_tuple, _layout, spatial_kernel
 from jaxnet.nn.initializers import check_weight_init, init_weight_and_bias
 from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, require_example_ndim,
                              require_floating, shape_str)
@@ -71,15 +70,9 @@ class ConvTranspose(Layer):
     kind: ClassVar[str] = "conv_transpose"
 
     def __post_init__(self):
-        if isinstance(self.kernel_size, (int, np.integer)):
-            raise ValueError(f"ConvTranspose: kernel_size needs one size per spatial axis, e.g. (3, 3), "
-                             f"got {self.kernel_size!r}; ConvTranspose1D and ConvTranspose2D also take an int")
-        name = f"ConvTranspose{len(tuple(self.kernel_size))}D"
+        name, kernel = spatial_kernel("ConvTranspose", self.kernel_size)
         check_positive(name, "features", self.features)
-        kernel = _as_tuple(name, "kernel_size", self.kernel_size, len(tuple(self.kernel_size)))
         ndim = len(kernel)
-        if ndim not in (1, 2, 3):
-            raise ValueError(f"{name}: kernel_size needs 1 to 3 spatial sizes, got {self.kernel_size!r}")
         object.__setattr__(self, "kernel_size", kernel)
         object.__setattr__(self, "strides", _as_tuple(name, "strides", self.strides, ndim))
         object.__setattr__(self, "padding", _as_padding(name, self.padding, ndim))
