@@ -21,6 +21,7 @@ from jaxnet.per_example import (clip_per_example, dp_aggregate, per_example_grad
 from jaxnet.population import (Ensemble, Population, best_member, fit_population,
                                init_population)
 from jaxnet.precision import Policy, get_policy
+from jaxnet.runs import Run, load_run
 from jaxnet.stax import from_stax, to_stax
 from jaxnet.train import TrainState, evaluate, fit, init_train_state, make_train_step
 
@@ -34,7 +35,7 @@ __all__ = [
     "per_example_losses", "per_example_norms", "per_example_value_and_grads", "Ensemble",
     "Population", "best_member", "fit_population", "init_population", "Policy", "get_policy",
     "from_stax", "to_stax", "TrainState", "evaluate", "fit", "init_train_state",
-    "make_train_step",
+    "make_train_step", "Run", "load_run",
 ]
 
 

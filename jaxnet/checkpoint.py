@@ -46,6 +46,7 @@ FORMAT = "jaxnet-checkpoint"
 FORMAT_VERSION = 1
 TENSOR_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
+RUN_PARAMS_FILE = "params.safetensors"  # a finished run directory's params (jaxnet train)
 _NAME = re.compile(r"ckpt-(\d+)")
 _MAX_LISTED = 8  # entries of each kind named in an architecture-mismatch message
 
@@ -313,10 +314,11 @@ def restore_checkpoint(path, template):
 
 
 def restore_params(path, template, *, partial: bool = False):
-    """Restores only the parameters of a checkpoint (for evaluation or fine-tuning).
+    """Restores only the parameters of a checkpoint or a run (for evaluation or fine-tuning).
 
     Args:
-      path: a checkpoint directory.
+      path: a checkpoint directory, or a finished ``jaxnet train`` run directory (its
+        ``params.safetensors`` is read).
       template: a params tree (from ``net.init`` or ``jax.eval_shape``) of the target network.
       partial: when False, the checkpoint's params must match ``template`` exactly; when True,
         every leaf with the same name, shape and dtype is restored and the others are kept
@@ -327,13 +329,16 @@ def restore_params(path, template, *, partial: bool = False):
       exactly which leaves came from the checkpoint and which did not, and why.
 
     Raises:
-      CheckpointError: see :func:`read_checkpoint`; with ``partial=False``, also params that do
-        not match ``template``.
+      CheckpointError: see :func:`read_checkpoint`; a directory that is neither a checkpoint nor
+        a finished run; with ``partial=False``, also params that do not match ``template``.
     """
     path = Path(path)
-    tensors, manifest = read_checkpoint(path)
-    prefix = "params."
-    stored = {name[len(prefix):]: a for name, a in tensors.items() if name.startswith(prefix)}
+    if path.is_dir() and not (path / MANIFEST_FILE).exists():
+        stored = _run_params(path)
+    else:
+        tensors, manifest = read_checkpoint(path)
+        prefix = "params."
+        stored = {name[len(prefix):]: a for name, a in tensors.items() if name.startswith(prefix)}
     expected = named_leaves(template)
     report = _compare(_descriptions(stored), _descriptions(dict(expected)))
     if not partial and (report.missing or report.unexpected or report.mismatched):
@@ -343,6 +348,18 @@ def restore_params(path, template, *, partial: bool = False):
     restored = set(report.restored)
     leaves = [jnp.asarray(stored[name]) if name in restored else leaf for name, leaf in expected]
     return jax.tree.unflatten(jax.tree.structure(template), leaves), report
+
+
+def _run_params(run_dir: Path) -> dict[str, np.ndarray]:
+    """The params of a finished run directory (``params.safetensors``), by dotted name."""
+    params_file = run_dir / RUN_PARAMS_FILE
+    if not params_file.is_file():
+        raise CheckpointError(f"{run_dir}: neither a checkpoint (no {MANIFEST_FILE}) nor a "
+                              f"finished run directory (no {RUN_PARAMS_FILE})")
+    try:
+        return safetensors.numpy.load_file(str(params_file))
+    except (OSError, safetensors.SafetensorError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{params_file}: not a readable safetensors file ({error})") from None
 
 
 def _descriptions(leaves: dict[str, Any], impls: dict[str, str | None] | None = None

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnet.losses import check_labels
+from jaxnet.validate import positive_int
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -88,3 +89,41 @@ def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int
     pairs = labels.astype(jnp.int32) * num_classes + predictions.astype(jnp.int32)
     counts = jnp.bincount(pairs, length=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).astype(jnp.int32)
+
+
+# ---- per-example metrics for fit/evaluate: (outputs, targets) -> (batch,) -------------------
+
+def absolute_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Each example's mean absolute error over its values: ``(batch, ...)`` -> ``(batch,)``."""
+    error = jnp.abs(outputs.astype(jnp.float32) - targets.astype(jnp.float32))
+    return jnp.mean(error.reshape(error.shape[0], -1), axis=-1)
+
+
+def squared_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Each example's mean squared error over its values: ``(batch, ...)`` -> ``(batch,)``."""
+    error = jnp.square(outputs.astype(jnp.float32) - targets.astype(jnp.float32))
+    return jnp.mean(error.reshape(error.shape[0], -1), axis=-1)
+
+
+def top_k(k: int):
+    """A per-example metric: 1.0 where the label is among the ``k`` largest logits, else 0.0.
+
+    Example:
+      >>> jn.fit(..., metrics={"top5": jaxnet.metrics.top_k(5)})   # records train_top5, ...
+    """
+    positive_int("top_k", "k", k)
+
+    def top_k_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+        if k > logits.shape[-1]:
+            raise ValueError(f"top_k: k must be at most the number of classes "
+                             f"({logits.shape[-1]}), got {k}")
+        return correct(logits, labels, k).astype(jnp.float32)
+
+    return top_k_correct
+
+
+def label_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Multi-label: each example's fraction of labels (0/1 targets) predicted right by
+    ``logits > 0``: ``(batch, labels)`` -> ``(batch,)``."""
+    right = (logits > 0) == (labels > 0.5)
+    return jnp.mean(right.reshape(right.shape[0], -1).astype(jnp.float32), axis=-1)

@@ -35,8 +35,8 @@ class BarProgress(NoProgress):
 
     active = True
 
-    def __init__(self, epochs: int, steps_per_epoch: int):
-        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+    def __init__(self, epochs: int, steps_per_epoch: int, accuracy: bool = True):
+        self.epochs, self.steps_per_epoch, self.accuracy = epochs, steps_per_epoch, accuracy
         self.epoch = 0
         self.bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
                             MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
@@ -59,24 +59,28 @@ class BarProgress(NoProgress):
     def update(self, step, sums):
         """Called from the device loop with the step within the epoch and the running sums."""
         count = max(float(sums.count), 1.0)
+        accuracy = f"  acc {float(sums.correct) / count:.4f}" if self.accuracy else ""
         self.bar.update(self.task, completed=(self.epoch - 1) * self.steps_per_epoch + int(step),
-                        metrics=f"loss {float(sums.loss) / count:.4f}  "
-                                f"acc {float(sums.correct) / count:.4f}")
+                        metrics=f"loss {float(sums.loss) / count:.4f}{accuracy}")
 
     def end_epoch(self, record):
-        test = (f"  test loss {record['test_loss']:.4f}  test acc {record['test_accuracy']:.4f}"
-                if "test_loss" in record else "")
         self.bar.update(self.task, completed=record["epoch"] * self.steps_per_epoch,
-                        metrics=f"loss {record['train_loss']:.4f}  acc "
-                                f"{record['train_accuracy']:.4f}{test}")
+                        metrics="  ".join(_metric_parts(record)))
+
+
+_NOT_METRICS = ("epoch", "seconds", "examples_per_second", "compile_seconds", "skipped_batches")
+
+
+def _metric_parts(record: dict) -> list[str]:
+    """``["train loss 0.1234", "train acc 0.9800", "val loss ...", ...]`` in record order."""
+    return [f"{key.replace('_accuracy', '_acc').replace('_', ' ')} {value:.4f}"
+            for key, value in record.items()
+            if key not in _NOT_METRICS and isinstance(value, (int, float))]
 
 
 def format_epoch(record: dict, epochs: int) -> str:
-    """One line for an epoch's record: epoch, train and test metrics, seconds."""
-    parts = [f"epoch {record['epoch']}/{epochs}",
-             f"train loss {record['train_loss']:.4f}", f"train acc {record['train_accuracy']:.4f}"]
-    if "test_loss" in record:
-        parts += [f"test loss {record['test_loss']:.4f}", f"test acc {record['test_accuracy']:.4f}"]
+    """One line for an epoch's record: epoch, train, validation and test metrics, seconds."""
+    parts = [f"epoch {record['epoch']}/{epochs}", *_metric_parts(record)]
     if record.get("skipped_batches"):
         parts.append(f"skipped {record['skipped_batches']} batches")
     if "seconds" in record:
@@ -101,7 +105,8 @@ def _interactive() -> bool:
     return console.is_terminal or console.is_jupyter
 
 
-def make_progress(progress: bool | None, epochs: int, steps_per_epoch: int) -> NoProgress:
+def make_progress(progress: bool | None, epochs: int, steps_per_epoch: int,
+                  accuracy: bool = True) -> NoProgress:
     """What ``fit``'s ``progress`` asks for.
 
     ``None``: a bar when stderr is a terminal, else nothing. ``True``: a bar where it can be
@@ -109,7 +114,7 @@ def make_progress(progress: bool | None, epochs: int, steps_per_epoch: int) -> N
     ``False``: nothing.
     """
     if progress is None:
-        return BarProgress(epochs, steps_per_epoch) if sys.stderr.isatty() else NoProgress()
+        return BarProgress(epochs, steps_per_epoch, accuracy) if sys.stderr.isatty() else NoProgress()
     if not progress:
         return NoProgress()
-    return BarProgress(epochs, steps_per_epoch) if _interactive() else LineProgress(epochs)
+    return BarProgress(epochs, steps_per_epoch, accuracy) if _interactive() else LineProgress(epochs)

@@ -1,4 +1,4 @@
-"""The ``jaxnet`` command: ``train``, ``eval``, ``predict``, ``sweep``, ``summary``.
+"""The ``jaxnet`` command: ``train``, ``eval``, ``predict``, ``generate``, ``sweep``, ``summary``.
 
 (Benchmarks are not part of the package; they run with ``python benchmarks/run.py``.)
 
@@ -76,17 +76,34 @@ _HELP = {  # options that several commands share
 
 
 def _add_model_options(parser: argparse.ArgumentParser, defaults, drop_rate: bool = True) -> None:
+    from jaxnet.runs import MODELS
+
     _add_config_option(parser, "--dataset", defaults.dataset,
-                       "the data set (npz: your own, see --data)",
-                       choices=("digits", "fashion-mnist", "mnist", "npz"))
-    parser.add_argument("--data-dir", metavar="DIR", help="directory of MNIST-format IDX files")
+                       "the data set (npz: your own, see --data; text: a character-level "
+                       "language model over the text files in --data-dir)",
+                       choices=("digits", "fashion-mnist", "mnist", "npz", "text"))
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="directory of MNIST-format IDX files; for --dataset text, of text "
+                             "files (default: the Python standard library's .py files)")
     parser.add_argument("--data", metavar="FILE.npz", help="the .npz file for --dataset npz "
                                        "(arrays x_train, y_train, x_test, y_test)")
     _add_config_option(parser, "--model", defaults.model,
-                       "mlp: dense layers (--hidden); cnn: two convolutions and a dense layer",
-                       choices=("mlp", "cnn"))
-    _add_config_option(parser, "--hidden", defaults.hidden, "hidden widths of the MLP, e.g. 512,512",
+                       "mlp: dense layers (--hidden); cnn: two convolutions and a dense layer; "
+                       "lstm, gru, transformer: sequence models (images: rows as time steps)",
+                       choices=MODELS)
+    _add_config_option(parser, "--hidden", defaults.hidden,
+                       "hidden widths of the MLP, e.g. 512,512; lstm/gru/transformer: the first "
+                       "is the recurrent width or the transformer's d_model",
                        type=_int_list, metavar="W,W,...")
+    _add_config_option(parser, "--layers", "1 for lstm/gru, 2 for transformer",
+                       "recurrent layers or transformer blocks", type=int, metavar="N")
+    _add_config_option(parser, "--heads", defaults.heads, "attention heads of the transformer",
+                       type=int, metavar="N")
+    _add_config_option(parser, "--seq-len", defaults.seq_len,
+                       "--dataset text: characters per training window", type=int, metavar="N")
+    _add_config_option(parser, "--max-chars", defaults.max_chars,
+                       "--dataset text: characters read from the files, at most (a tenth for "
+                       "testing)", type=int, metavar="N")
     _add_config_option(parser, "--activation", defaults.activation,
                        "the hidden layers' activation",
                        choices=("relu", "sigmoid", "tanh", "gelu", "silu", "elu"))
@@ -173,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="inputs per compiled call (default: 8192)")
     predict.add_argument("--no-progress", dest="progress", action="store_false",
                          help="no progress bar")
+
+    generate = commands.add_parser(
+        "generate", help="sample text from a language model run (--dataset text)",
+        description="Samples characters one at a time after the prompt and prints the prompt "
+                    "and the sample.")
+    generate.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                          help="a finished run directory of jaxnet train --dataset text")
+    generate.add_argument("--prompt", required=True, metavar="TEXT",
+                          help="the text to continue (characters of the run's vocabulary)")
+    generate.add_argument("--length", type=int, default=200, metavar="N",
+                          help="characters to sample (default: 200)")
+    generate.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                          help="divides the logits; 0 takes the most likely character (default: 0.8)")
+    generate.add_argument("--seed", type=int, default=0, metavar="S",
+                          help="seed of the sampling (default: 0)")
 
     sweep = commands.add_parser(
         "sweep", help="train a grid of seeds and hyperparameters at once, as one population",
@@ -295,6 +327,17 @@ def cmd_train(args, console: Console) -> None:
     if not main_process:
         return
     last = history[-1]
+    if config.dataset == "text":
+        console.print(
+            f"[bold]{config.model}[/bold] on [bold]text[/bold]: test bits per character "
+            f"[bold green]{last['test_bits_per_char']:.3f}[/bold green] (train "
+            f"{last['train_bits_per_char']:.3f}), test accuracy {last['test_accuracy']:.2%} "
+            f"after {config.epochs} epochs ({time.perf_counter() - start:.1f} s, compile "
+            f"{history[0]['compile_seconds']:.1f} s)", highlight=False)
+        console.print(f"results: {out}/ (config.json with the vocabulary, metrics.jsonl, "
+                      f"params.safetensors, curves.png); jaxnet generate {out} --prompt TEXT",
+                      highlight=False)
+        return
     console.print(
         f"[bold]{config.model}[/bold] on [bold]{dataset.name}[/bold]: test accuracy "
         f"[bold green]{last['test_accuracy']:.2%}[/bold green], test loss {last['test_loss']:.4f} "
@@ -314,6 +357,9 @@ def cmd_eval(args, console: Console) -> None:
 
     config, record, net, params = read_run(args.run_dir)
     dataset, _ = load_data(config)
+    if config.dataset == "text":
+        _eval_text(args.run_dir, config, net, params, dataset, console)
+        return
     labels = jnp.asarray(dataset.y_test)
     logits = jnp.asarray(predict(net, params, dataset.x_test,  # one pass, in fixed-size chunks
                                  precision=config.precision))
@@ -330,6 +376,24 @@ def cmd_eval(args, console: Console) -> None:
     console.print(table)
 
 
+def _eval_text(run_dir, config, net, params, dataset, console: Console) -> None:
+    import math
+
+    import jax.numpy as jnp
+
+    from jaxnet.inference import predict
+    from jaxnet.losses import token_cross_entropy
+
+    logits = jnp.asarray(predict(net, params, dataset.x_test, batch_size=256,
+                                 precision=config.precision))
+    labels = jnp.asarray(dataset.y_test)
+    loss = float(token_cross_entropy(logits, labels).mean())
+    accuracy = float((jnp.argmax(logits, axis=-1) == labels).mean())
+    console.print(f"{run_dir}: {config.model} on text, {labels.size} test characters: "
+                  f"{loss / math.log(2):.3f} bits per character (loss {loss:.4f}), next-character "
+                  f"accuracy {accuracy:.2%}", highlight=False)
+
+
 def cmd_predict(args, console: Console) -> None:
     from jaxnet.data import open_npy
     from jaxnet.inference import predict_to_file
@@ -340,6 +404,9 @@ def cmd_predict(args, console: Console) -> None:
     if not args.output.parent.is_dir():
         raise UsageError(f"--output {args.output}: directory {args.output.parent} does not exist")
     config, record, net, params = read_run(args.run_dir)
+    if config.dataset == "text":
+        raise UsageError(f"{args.run_dir} is a language model (--dataset text); use jaxnet "
+                         "generate")
     x = open_npy(args.input)
     try:
         preprocess = run_preprocess(record["data"], x.shape, x.dtype)
@@ -351,6 +418,33 @@ def cmd_predict(args, console: Console) -> None:
     what = "probabilities" if args.proba else "logits"
     console.print(f"{args.output}: {what} of shape ({len(x)}, {record['data']['num_classes']}) "
                   f"for {args.input} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
+
+def cmd_generate(args, console: Console) -> None:
+    import jax
+
+    from jaxnet.runs import is_language_model, load_run
+    from jaxnet.text import Vocabulary, generate
+
+    if args.length < 0:
+        raise UsageError(f"--length must be an integer >= 0, got {args.length}")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not args.prompt:
+        raise UsageError("--prompt must hold at least one character")
+    run = load_run(args.run_dir)
+    data = run.config["data"]
+    if not is_language_model(data):
+        raise UsageError(f"{args.run_dir} is not a language model run (it was trained on "
+                         f"{data.get('name')}); train one with --dataset text")
+    vocab = Vocabulary(data["vocab"])
+    if missing := vocab.unknown(args.prompt):
+        shown = ", ".join(repr(c) for c in missing)
+        raise UsageError(f"--prompt has characters that are not in the run's vocabulary: {shown}")
+    tokens = generate(run.net, run.params, vocab.encode(args.prompt), args.length,
+                      context=int(data["example_shape"][0]), temperature=args.temperature,
+                      key=jax.random.key(args.seed), model_state=run.model_state)
+    sys.stdout.write(args.prompt + vocab.decode(tokens) + "\n")
 
 
 def cmd_sweep(args, console: Console) -> None:
@@ -382,21 +476,28 @@ def cmd_sweep(args, console: Console) -> None:
 
 
 def cmd_summary(args, console: Console) -> None:
-    from jaxnet.app.run import build_model, load_data, read_run
+    import jax
+    import numpy as np
+
+    from jaxnet.app.run import build_model, data_record, load_data, read_run
     from jaxnet.nn.summary import summarize
+    from jaxnet.runs import is_language_model
 
     if args.run_dir is not None:
         _, record, net, _ = read_run(args.run_dir)
-        example_shape = tuple(record["data"]["example_shape"])
+        data = record["data"]
     else:
         config = _config_from(args)
-        dataset, _ = load_data(config)
-        net, example_shape = build_model(config, dataset.num_classes), dataset.x_train.shape[1:]
-    console.print(str(summarize(net, (1,) + example_shape)), highlight=False)
+        dataset, stats = load_data(config)
+        data = data_record(dataset, stats)
+        net = build_model(config, data)
+    dtype = np.int32 if is_language_model(data) else np.float32  # token ids, or inputs
+    spec = jax.ShapeDtypeStruct((1, *data["example_shape"]), dtype)
+    console.print(str(summarize(net, spec)), highlight=False)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "sweep": cmd_sweep,
-            "summary": cmd_summary}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+            "generate": cmd_generate, "sweep": cmd_sweep, "summary": cmd_summary}
 
 
 # Names in the library's and RunConfig's messages, and the flags that set them.
@@ -407,7 +508,8 @@ _FLAGS = {"batch_size": "--batch-size", "batch-size": "--batch-size", "epochs": 
           "init_scale": "--init-scale", "init-scale": "--init-scale", "seeds": "--seeds",
           "checkpoint-every": "--checkpoint-every", "keep-checkpoints": "--keep-checkpoints",
           "on_nan": "--on-nan", "on-nan": "--on-nan", "precision": "--precision",
-          "devices": "--devices", "num-processes": "--num-processes",
+          "devices": "--devices", "layers": "--layers", "heads": "--heads",
+          "seq-len": "--seq-len", "max-chars": "--max-chars", "num-processes": "--num-processes",
           "process-id": "--process-id", "coordinator": "--coordinator"}
 _NAMED = re.compile(r"(?:(?:fit|fit_population|predict|data_mesh|sweep|train): )?"
                     r"(?P<name>[a-z_-]+(?: sizes)?)(?P<rest>(?: must |: | -?\d+ does not ).*)",

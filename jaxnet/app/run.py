@@ -21,21 +21,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxnet._version import __version__
 from jaxnet import data as datasets
 from jaxnet import data_parallel
 from jaxnet import data_shards
-from jaxnet import models
+from jaxnet import text
 from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                restore_checkpoint, save_checkpoint)
-from jaxnet.nn.layer import Layer, shape_str
+from jaxnet.nn.layer import Layer
 from jaxnet.inference import Preprocess
+from jaxnet.losses import softmax_cross_entropy, token_cross_entropy
+from jaxnet.runs import (LANGUAGE_MODEL, MODELS, SEQUENCE_MODELS, build_model, load_run,
+                         preprocess_for, read_record)
 from jaxnet.app.plots import plot_curves
 from jaxnet.precision import TRAINING_PRECISIONS
-from jaxnet.tensorfile import atomic_write, load_params, save_params
+from jaxnet.tensorfile import atomic_write, save_params
 from jaxnet.train import ON_NAN, TrainState, fit, init_train_state
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop")
@@ -53,7 +55,11 @@ class RunConfig:
     data_dir: str | None = None
     data: str | None = None  # the .npz file for dataset "npz"
     model: str = "mlp"
-    hidden: tuple[int, ...] = (256, 256)
+    hidden: tuple[int, ...] = (256, 256)  # lstm/gru/transformer: the first is the width
+    layers: int | None = None  # recurrent layers / transformer blocks; None: 1 (2 transformer)
+    heads: int = 4  # attention heads of the transformer
+    seq_len: int = 128  # dataset "text": characters per training window
+    max_chars: int = 2_000_000  # dataset "text": characters read from the corpus, at most
     activation: str = "relu"
     drop_rate: float = 0.0
     init_scale: float = 1.0  # multiplies every initial parameter
@@ -74,7 +80,14 @@ class RunConfig:
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))
         checks = [
-            (self.model in ("mlp", "cnn"), f"model must be 'mlp' or 'cnn', got {self.model!r}"),
+            (self.model in MODELS, f"model must be one of {', '.join(MODELS)}; got {self.model!r}"),
+            (self.dataset != "text" or self.model in SEQUENCE_MODELS,
+             f"--model {self.model} does not fit --dataset text (a language model); use "
+             f"{', '.join(SEQUENCE_MODELS)}"),
+            (self.layers is None or _is_count(self.layers, 1), f"layers must be a positive integer, got {self.layers!r}"),
+            (_is_count(self.heads, 1), f"heads must be a positive integer, got {self.heads!r}"),
+            (_is_count(self.seq_len, 1), f"seq-len must be a positive integer, got {self.seq_len!r}"),
+            (_is_count(self.max_chars, 2), f"max-chars must be an integer >= 2, got {self.max_chars!r}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}"),
             (all(isinstance(h, int) and h > 0 for h in self.hidden), f"hidden sizes must be positive integers, got {self.hidden}"),
@@ -124,6 +137,8 @@ def load_data(config: RunConfig, mesh: jax.sharding.Mesh | None = None
     Returns:
       ``(dataset, stats)`` where ``stats = {"mean": m, "std": s}`` (0 and 1 when not standardised).
     """
+    if config.dataset == "text":
+        return load_text(config)
     if data_shards.spans_processes(mesh):
         return data_shards.load_process_shard(config.dataset, mesh=mesh, data_dir=config.data_dir,
                                               path=config.data, standardize=config.standardize)
@@ -134,10 +149,29 @@ def load_data(config: RunConfig, mesh: jax.sharding.Mesh | None = None
     return dataset._replace(x_train=x_train, x_test=x_test), stats
 
 
-def build_model(config: RunConfig, num_classes: int) -> Layer:
-    if config.model == "cnn":
-        return models.cnn(num_classes, config.activation, config.drop_rate)
-    return models.mlp(config.hidden, num_classes, config.activation, config.drop_rate)
+def load_text(config: RunConfig) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """The text corpus as next-character data: ``x`` ``(n, seq_len)`` ids, ``y`` the ids one
+    character on; "classes" are the vocabulary. The stats hold the vocabulary (written to
+    ``config.json``'s data record, for ``jaxnet generate``)."""
+    corpus = text.load_corpus(config.data_dir, seq_len=config.seq_len, max_chars=config.max_chars)
+    dataset = datasets.Dataset(corpus.train[:, :-1], corpus.train[:, 1:], corpus.test[:, :-1],
+                               corpus.test[:, 1:], len(corpus.vocab), "text")
+    return dataset, {"mean": 0.0, "std": 1.0, "task": LANGUAGE_MODEL,
+                     "vocab": list(corpus.vocab.chars)}
+
+
+def data_record(dataset: datasets.Dataset, stats: dict[str, Any]) -> dict[str, Any]:
+    """What ``config.json`` records of the data (what :func:`build_model` needs)."""
+    return _data_record(dataset, stats)
+
+
+def with_bits_per_char(record: dict) -> dict:
+    """An epoch record of a text run with ``train_bits_per_char`` and ``test_bits_per_char``
+    (the per-character cross-entropy in bits: loss / ln 2)."""
+    for split in ("train", "test"):
+        if f"{split}_loss" in record:
+            record[f"{split}_bits_per_char"] = record[f"{split}_loss"] / math.log(2)
+    return record
 
 
 def _optimizer(name: str, learning_rate, weight_decay) -> optax.GradientTransformation:
@@ -210,7 +244,8 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
     dataset, stats = load_data(config, mesh)  # several processes: each reads only its rows
     n_train = dataset.num_train
     data_parallel.check_batch_size(mesh, min(config.batch_size, n_train), "batch-size")
-    net = build_model(config, dataset.num_classes)
+    language_model = config.dataset == "text"
+    net = build_model(config, _data_record(dataset, stats))
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
     # x_test: the same example shape, and never empty (this process may hold no training rows)
     params, model_state = net.init_with_state(init_key, dataset.x_test[:1])
@@ -230,9 +265,10 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
             write_config(out_dir, config, dataset, stats, mesh)
     if writes:
         atomic_write(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-        on_epoch = _run_writer(out_dir, config, history)
+        on_epoch = _run_writer(out_dir, config, history, language_model)
     try:
         state, new = fit(net, state, optimizer, (dataset.x_train, dataset.y_train),
+                         loss=token_cross_entropy if language_model else softmax_cross_entropy,
                          epochs=config.epochs, batch_size=config.batch_size,
                          eval_data=(dataset.x_test, dataset.y_test),
                          progress=progress if data_parallel.is_main_process() else False,
@@ -247,20 +283,24 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
                 "no checkpoint was written" + ("" if config.checkpoint_every else
                                                 " (checkpoint-every is 0)"))
         raise FloatingPointError(f"{error}; {kept}") from None
-    if not writes:
-        history = history + new  # when writing, on_epoch has appended them
+    if not writes:  # when writing, on_epoch has appended them
+        history = history + [with_bits_per_char(r) if language_model else r for r in new]
     else:
         plot_curves(history, out_dir / "curves.png",
                     f"{config.model} on {config.dataset} ({config.activation})")
+        if jax.tree.leaves(state.model_state):
+            save_params(out_dir / "model_state.safetensors", state.model_state)
         save_params(out_dir / "params.safetensors", state.params)  # last: the run is finished
     return state, history, net, dataset
 
 
-def _run_writer(out_dir: Path, config: RunConfig, history: list[dict]):
+def _run_writer(out_dir: Path, config: RunConfig, history: list[dict],
+                language_model: bool = False):
     """``on_epoch`` for ``fit``: appends to ``history`` and ``metrics.jsonl``, checkpoints."""
     metrics_file = out_dir / "metrics.jsonl"
 
     def on_epoch(record, state):
+        record = with_bits_per_char(dict(record)) if language_model else record
         history.append(record)
         with metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -307,13 +347,10 @@ def _saved_config(values) -> RunConfig | None:
 def read_config(run_dir: Path) -> tuple[RunConfig, dict]:
     """The ``config.json`` of a run directory: ``(config, the whole record)``."""
     config_file = Path(run_dir) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing; is {run_dir} a jaxnet run directory?")
+    record = read_record(run_dir)
     try:
-        record = json.loads(config_file.read_text())
         config = RunConfig.from_dict(record["config"])
-        int(record["data"]["num_classes"])
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, TypeError) as error:
         raise ValueError(f"{config_file}: not a valid jaxnet run config ({error})") from None
     return config, record
 
@@ -352,62 +389,13 @@ def run_record(config: RunConfig, dataset: datasets.Dataset, stats: dict[str, fl
 
 
 def read_run(run_dir: Path) -> tuple[RunConfig, dict, Layer, dict]:
-    """Reads a finished run directory back: ``(config, config.json record, network, params)``."""
-    run_dir = Path(run_dir)
-    params_file = run_dir / "params.safetensors"
-    config, record = read_config(run_dir)
-    if not params_file.is_file():
-        raise FileNotFoundError(f"{params_file}: missing; is {run_dir} a finished jaxnet run "
-                                "directory?")
-    params = jax.tree.map(jnp.asarray, load_params(params_file))
-    return config, record, build_model(config, int(record["data"]["num_classes"])), params
-
-
+    """Reads a finished run directory back: ``(config, config.json record, network, params)``
+    (:func:`jaxnet.load_run`, with the settings checked as a :class:`RunConfig`)."""
+    config, _ = read_config(run_dir)
+    run = load_run(run_dir)
+    return config, run.config, run.net, run.params
 
 
 def run_preprocess(data: dict, input_shape: tuple[int, ...], input_dtype) -> Preprocess:
-    """The preprocessing a ``jaxnet train`` run applied, for raw inputs of ``input_shape``.
-
-    ``jaxnet predict`` takes inputs as the :mod:`jaxnet.data` loaders read them from the data
-    set's files, before standardisation, and this turns each chunk into what the network was
-    trained on: ``uint8`` values are pixels in 0..255 and are scaled by 1/255 (as the IDX and
-    ``.npz`` loaders do); other numbers are taken as they are, as float32 (the loaders' values:
-    Fashion-MNIST/MNIST pixels in [0, 1], digits counts / 16); then ``(x - mean) / std`` with the
-    training set's statistics, exactly as training computed it (0 and 1 for ``--no-standardize``
-    runs).
-
-    Args:
-      data: the ``data`` record of the run's ``config.json`` (``example_shape``, ``mean``,
-        ``std``).
-      input_shape: ``(n, *shape)`` of the raw inputs: ``shape`` is the run's example shape
-        (``(8, 8, 1)``), that shape without its trailing channel axis of size 1 (``(8, 8)``),
-        or flattened (``(64,)``).
-      input_dtype: an integer or floating NumPy dtype.
-
-    Returns:
-      A ``preprocess`` for :func:`predict`: ``(rows, *shape)`` raw values to
-      ``(rows, *example_shape)`` float32.
-
-    Raises:
-      ValueError: ``input_shape`` is none of the three accepted forms (the message names them).
-      TypeError: ``input_dtype`` is not a number type.
-    """
-    example = tuple(int(d) for d in data["example_shape"])
-    size = int(np.prod(example))
-    accepted = [example] + ([example[:-1]] if example[-1:] == (1,) else []) + [(size,)]
-    accepted = list(dict.fromkeys(accepted))  # (n,) examples: the forms coincide
-    if len(input_shape) == 0 or tuple(input_shape[1:]) not in accepted:
-        forms = ", ".join(shape_str(("n",) + a) for a in accepted)
-        raise ValueError(f"inputs of shape {shape_str(tuple(input_shape))} do not fit the run's "
-                         f"examples of shape {shape_str(example)}; expected {forms}")
-    input_dtype = np.dtype(input_dtype)
-    if input_dtype.kind not in "uif":
-        raise TypeError(f"inputs must be numbers (integer or float), got dtype {input_dtype}")
-    mean, std = np.float32(data["mean"]), np.float32(data["std"])
-
-    def preprocess(chunk: np.ndarray) -> np.ndarray:
-        chunk = np.asarray(chunk)
-        x = chunk / np.float32(255) if chunk.dtype == np.uint8 else chunk.astype(np.float32)
-        return ((x - mean) / std).reshape((len(chunk),) + example)
-
-    return preprocess
+    """The preprocessing a ``jaxnet train`` run applied (:func:`jaxnet.runs.preprocess_for`)."""
+    return preprocess_for(data, input_shape, input_dtype)

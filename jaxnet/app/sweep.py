@@ -28,8 +28,8 @@ import numpy as np
 
 from jaxnet import data as datasets
 from jaxnet.population import Ensemble, Population, best_member, fit_population, init_population
-from jaxnet.app.run import (RunConfig, build_model, build_optimizer, load_data, run_record,
-                        write_config)
+from jaxnet.app.run import (RunConfig, build_model, build_optimizer, data_record, load_data,
+                            run_record, write_config)
 from jaxnet.app.plots import plot_population
 from jaxnet.tensorfile import atomic_write, save_params
 from jaxnet.train import evaluate
@@ -48,6 +48,8 @@ def sweep_configs(base: RunConfig, seeds: int, grid: dict[str, tuple[float, ...]
     Returns:
       One config per member, settings outermost, seeds innermost.
     """
+    if base.dataset == "text":
+        raise ValueError("a sweep trains classifiers; --dataset text is for jaxnet train")
     if not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
     if unknown := sorted(set(grid) - set(GRID)):
@@ -80,7 +82,7 @@ def sweep(base: RunConfig, seeds: int, grid: dict[str, tuple[float, ...]], out_d
     configs = sweep_configs(base, seeds, grid)
     dataset, stats = load_data(base)
     rates = [c.drop_rate for c in configs]
-    net = build_model(dataclasses.replace(base, drop_rate=max(rates)), dataset.num_classes)
+    net = build_model(dataclasses.replace(base, drop_rate=max(rates)), data_record(dataset, stats))
     steps_per_epoch = math.ceil(len(dataset.x_train) / min(base.batch_size, len(dataset.x_train)))
     optimizer = build_optimizer(base, steps_per_epoch, inject=True)
     population = init_population(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,33 +21,52 @@ import numpy as np
 from jaxnet.metrics import is_argmax
 
 
+Metric = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, targets) -> (batch,) values
+
+
 class Sums(NamedTuple):
-    """Metric sums over examples (float32 scalars, or ``(K,)`` for K population members)."""
+    """Metric sums over examples (float32 scalars, or ``(K,)`` for K population members).
+
+    ``extra`` holds the sums of user metrics by name (``None`` when there are none).
+    """
 
     loss: jax.Array
     correct: jax.Array
     count: jax.Array
     skipped: jax.Array | None = None  # batches skipped for a non-finite loss (on_nan="skip" only)
+    extra: dict[str, jax.Array] | None = None
 
     @staticmethod
-    def zeros(count_skipped: bool = False, shape: tuple[int, ...] = ()) -> Sums:
+    def zeros(count_skipped: bool = False, shape: tuple[int, ...] = (),
+              metrics: Mapping[str, Metric] | None = None) -> Sums:
         zero = lambda: jnp.zeros(shape, jnp.float32)  # noqa: E731
-        return Sums(zero(), zero(), zero(), zero() if count_skipped else None)
+        return Sums(zero(), zero(), zero(), zero() if count_skipped else None,
+                    {name: zero() for name in metrics} if metrics else None)
 
     def __add__(self, other: Sums) -> Sums:  # None fields stay None: no work when not counted
         return jax.tree.map(jnp.add, self, other)
 
-    def means(self) -> dict[str, float]:
+    def means(self, classification: bool = True) -> dict[str, float]:
+        """``{"loss", ["accuracy",] *metrics}``: means over the examples counted (host floats).
+
+        ``accuracy`` only for classification (integer labels, one logit per class)."""
         count = max(float(self.count), 1.0)
-        return {"loss": float(self.loss) / count, "accuracy": float(self.correct) / count}
+        means = {"loss": float(self.loss) / count}
+        if classification:
+            means["accuracy"] = float(self.correct) / count
+        means.update({name: float(value) / count for name, value in (self.extra or {}).items()})
+        return means
 
 
-def _is_classification(logits: jax.Array, labels: jax.Array) -> bool:
-    return jnp.issubdtype(labels.dtype, jnp.integer) and logits.ndim == labels.ndim + 1
+def is_classification(output: jax.ShapeDtypeStruct, targets) -> bool:
+    """Whether outputs like ``output`` against ``targets`` are a classification task: integer
+    labels with one more axis (the classes) on the outputs."""
+    return (jnp.issubdtype(targets.dtype, jnp.integer)
+            and len(output.shape) == len(targets.shape) + 1)
 
 
 def batch_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
-               weights: jax.Array | None) -> Sums:
+               weights: jax.Array | None, metrics: Mapping[str, Metric] | None = None) -> Sums:
     """Weighted sums of loss and correct predictions for one batch.
 
     Args:
@@ -57,10 +76,12 @@ def batch_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
         predictions; losses: ``(batch,)``; weights: ``(batch,)`` or None.
 
     Per-token accuracy counts each example as the fraction of its real tokens predicted right.
+    ``metrics`` are functions ``(logits, labels) -> (batch,)`` per-example values, summed with
+    the same weights.
     """
     if weights is None:
         weights = jnp.ones(losses.shape, jnp.float32)
-    if _is_classification(logits, labels):
+    if is_classification(logits, labels):
         right = is_argmax(logits, labels).astype(jnp.float32)
         if labels.ndim > 1:  # per token: each example's fraction over its real tokens
             token_axes = tuple(range(1, labels.ndim))
@@ -69,8 +90,19 @@ def batch_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
         correct = right
     else:
         correct = jnp.zeros(losses.shape, jnp.float32)
+    extra = None
+    if metrics:
+        extra = {name: jnp.sum(weights * _per_example(name, fn(logits, labels), losses.shape))
+                 for name, fn in metrics.items()}
     return Sums(jnp.sum(weights * losses.astype(jnp.float32)), jnp.sum(weights * correct),
-                jnp.sum(weights))
+                jnp.sum(weights), extra=extra)
+
+
+def _per_example(name: str, values, shape) -> jax.Array:
+    if jnp.shape(values) != shape:
+        raise ValueError(f"metric {name!r}: expected one value per example, shape {shape}, got "
+                         f"shape {tuple(jnp.shape(values))}")
+    return jnp.asarray(values).astype(jnp.float32)
 
 
 class EpochPlan(NamedTuple):
@@ -182,7 +214,8 @@ def run_epochs(state, run_epoch: Callable, *, first_epoch: int, epochs: int, rep
                train_record: Callable[[Any, int], dict], evaluate: Callable | None,
                examples: int, compile_seconds: float,
                on_epoch: Callable[[dict, Any], None] | None = None,
-               display: Callable[[dict], dict] = lambda record: record) -> tuple[Any, list[dict]]:
+               display: Callable[[dict], dict] = lambda record: record,
+               callbacks: Sequence[Any] = ()) -> tuple[Any, list[dict]]:
     """The host's loop over epochs ``first_epoch .. epochs - 1``.
 
     Args:
@@ -193,6 +226,9 @@ def run_epochs(state, run_epoch: Callable, *, first_epoch: int, epochs: int, rep
       examples: examples trained on per epoch (for ``examples_per_second``).
       on_epoch: ``on_epoch(record, state)`` after each epoch, with a copy of the state.
       display: the record as the progress reporter shows it.
+      callbacks: objects with ``on_epoch_end(record, state) -> bool`` (``True`` stops after
+        this epoch) and optionally ``on_train_end(state) -> state`` (which may replace the
+        final state, e.g. with the best one kept).
 
     Returns:
       ``(state, history)``: one record per epoch with ``epoch``, the train and test metrics,
@@ -216,4 +252,10 @@ def run_epochs(state, run_epoch: Callable, *, first_epoch: int, epochs: int, rep
             reporter.end_epoch(display(record))
             if on_epoch is not None:
                 on_epoch(record, kept_copy(state))
+            stops = [bool(callback.on_epoch_end(record, kept_copy(state))) for callback in callbacks]
+            if any(stops):
+                break
+    for callback in callbacks:
+        if hasattr(callback, "on_train_end"):
+            state = callback.on_train_end(state)
     return state, history

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,9 @@ from jaxnet.losses import check_labels, check_per_example, softmax_cross_entropy
 from jaxnet.nn.layer import Layer, Params, State
 from jaxnet.progress import make_progress
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy, get_training_policy
-from jaxnet.train.engine import (EpochPlan, Sums, batch_sums, epoch_order, run_epochs,
-                                 scan_batches, take_rows)
+from jaxnet.metrics import absolute_error
+from jaxnet.train.engine import (EpochPlan, Metric, Sums, batch_sums, epoch_order,
+                                 is_classification, run_epochs, scan_batches, take_rows)
 from jaxnet.train.state import ON_NAN, LossFn, TrainState, init_train_state, train_batch
 from jaxnet.validate import positive_int
 
@@ -33,12 +34,13 @@ from jaxnet.validate import positive_int
 def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn, n: int,
                batch_size: int, progress: Callable | None = None, progress_every: int = 0,
                on_nan: str = "stop", precision: str | Policy | None = None,
-               batch_sharding: jax.sharding.Sharding | None = None):
+               batch_sharding: jax.sharding.Sharding | None = None,
+               metrics: Mapping[str, Metric] | None = None):
     """A function ``epoch(state, x, y, epoch_index) -> (state, Sums)`` training one shuffled epoch.
 
     It is meant to be jitted whole (``fit`` does so, donating ``state``). When ``progress`` is
     given, it is called on the host every ``progress_every`` steps with
-    ``(step_in_epoch, Sums so far)``. ``on_nan`` and ``precision`` are passed to
+    ``(step_in_epoch, Sums so far)``. ``on_nan``, ``precision`` and ``metrics`` are passed to
     :func:`jaxnet.train.train_batch`. ``batch_sharding`` (data parallel, see
     :mod:`jaxnet.data_parallel`) lays out the gathered ``(batches, batch_size, ...)`` epoch so
     that each batch is split over the devices.
@@ -49,13 +51,14 @@ def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn
     plan = EpochPlan.of(n, batch_size)
 
     def step(state, batch, weights):
-        return train_batch(net, optimizer, loss, state, *batch, weights, on_nan, precision=precision)
+        return train_batch(net, optimizer, loss, state, *batch, weights, on_nan, precision=precision,
+                           metrics=metrics)
 
     def epoch(state, x, y, epoch_index):
         batches = take_rows((x, y), epoch_order(state.key, epoch_index, plan))
         if batch_sharding is not None:  # each step's batch split over the devices
             batches = jax.lax.with_sharding_constraint(batches, batch_sharding)
-        return scan_batches(step, state, batches, plan, Sums.zeros(on_nan == "skip"),
+        return scan_batches(step, state, batches, plan, Sums.zeros(on_nan == "skip", metrics=metrics),
                             progress=progress, progress_every=progress_every)
 
     return epoch, plan.num_batches
@@ -63,12 +66,13 @@ def make_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn
 
 def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int,
                   precision: str | Policy | None = None,
-                  batch_sharding: jax.sharding.Sharding | None = None):
+                  batch_sharding: jax.sharding.Sharding | None = None,
+                  metrics: Mapping[str, Metric] | None = None):
     """A function ``evaluate(params, model_state, x, y) -> Sums`` over all ``n`` examples in fixed batches.
 
     ``precision``: the forward pass's policy (see :mod:`jaxnet.precision`); the loss is computed
     on its output dtype (float32 logits). ``batch_sharding``: how each batch is split over the
-    devices (data parallel).
+    devices (data parallel). ``metrics``: ``{name: fn(outputs, y) -> (batch,)}``.
     """
     policy = get_policy(precision)
     plan = EpochPlan.of(n, batch_size)
@@ -80,26 +84,30 @@ def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int,
             if batch_sharding is not None:
                 xb, yb = jax.lax.with_sharding_constraint((xb, yb), batch_sharding)
             logits, _ = apply_with_policy(net, policy, params, model_state, xb, batch_ndim=1)
-            return carry, batch_sums(logits, yb, check_per_example(loss(logits, yb), xb.shape[0], "evaluate"), weights)
+            losses = check_per_example(loss(logits, yb), xb.shape[0], "evaluate")
+            return carry, batch_sums(logits, yb, losses, weights, metrics)
 
-        return scan_batches(step, (), jnp.asarray(indices), plan, Sums.zeros())[1]
+        return scan_batches(step, (), jnp.asarray(indices), plan, Sums.zeros(metrics=metrics))[1]
 
     return evaluate
 
 
 def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: State | None = None,
              loss: LossFn = softmax_cross_entropy, batch_size: int = 1024,
-             precision: str | Policy | None = None) -> dict[str, float]:
-    """Mean loss and accuracy of ``net`` on ``data = (x, y)``, in evaluation mode.
+             precision: str | Policy | None = None,
+             metrics: Mapping[str, Metric] | None = None) -> dict[str, float]:
+    """Mean loss and metrics of ``net`` on ``data = (x, y)``, in evaluation mode.
 
     Args:
       data: ``x: (n, *example)``, ``y: (n,)`` integer labels (or targets for other losses).
       batch_size: examples per compiled batch; the last batch is padded and masked.
       precision: the forward pass's policy: ``None`` (no casts), ``"f32"``, ``"bf16"``,
         ``"f16"`` or a ``jaxnet.precision.Policy``.
+      metrics: ``{name: fn(outputs, y) -> (batch,)}`` per-example values (see
+        :mod:`jaxnet.metrics`); default: the task's (:func:`default_metrics`).
 
     Returns:
-      ``{"loss": float, "accuracy": float}``.
+      ``{"loss": float, ["accuracy": float,] **metrics}``: accuracy for classification.
     """
     x, y = map(jnp.asarray, data)
     _check_data(net, params, x, y, "data")
@@ -110,9 +118,26 @@ def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: 
                              "the trained model_state (TrainState.model_state)")
         model_state = {}
     rows = min(batch_size, x.shape[0])
-    fn = xla_options.jit(make_evaluate(net, loss, x.shape[0], rows, precision=precision),
-                         forward_rows=rows)
-    return fn(params, model_state, x, y).means()
+    output = _output_spec(net, params, x)
+    metrics = default_metrics(output, y) if metrics is None else metrics
+    fn = xla_options.jit(make_evaluate(net, loss, x.shape[0], rows, precision=precision,
+                                       metrics=metrics), forward_rows=rows)
+    return fn(params, model_state, x, y).means(is_classification(output, y))
+
+
+def default_metrics(output: jax.ShapeDtypeStruct, y) -> dict[str, Metric]:
+    """The metrics reported when none are given, by task: none beyond accuracy for
+    classification (integer labels); the mean absolute error for regression (floating targets
+    shaped like the outputs); none otherwise (multi-label: the loss says it)."""
+    if not jnp.issubdtype(y.dtype, jnp.integer) and tuple(y.shape[1:]) == tuple(output.shape[1:]):
+        return {"mae": absolute_error}
+    return {}
+
+
+def _output_spec(net: Layer, params: Params, x) -> jax.ShapeDtypeStruct:
+    return jax.eval_shape(
+        lambda p, v: net.apply_with_state(p, _zero_state(net, p, v), v, batch_ndim=1)[0],
+        params, jax.ShapeDtypeStruct(x.shape, x.dtype))
 
 
 def _check_data(net: Layer, params: Params, x, y, what: str) -> None:
@@ -121,9 +146,7 @@ def _check_data(net: Layer, params: Params, x, y, what: str) -> None:
     if x.shape[0] == 0:
         raise ValueError(f"{what}: no examples")
     if jnp.issubdtype(y.dtype, jnp.integer):
-        out = jax.eval_shape(
-            lambda p, v: net.apply_with_state(p, _zero_state(net, p, v), v, batch_ndim=1)[0],
-            params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        out = _output_spec(net, params, x)
         if out.ndim == 2:
             check_labels(np.asarray(y), out.shape[-1], f"{what} labels")
 
@@ -144,7 +167,11 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         on_nan: str = "stop",
         precision: str | Policy | None = None,
         mesh: jax.sharding.Mesh | None = None,
-        num_examples: int | None = None) -> tuple[TrainState, list[dict]]:
+        num_examples: int | None = None,
+        metrics: Mapping[str, Metric] | None = None,
+        validation_data: tuple[Any, Any] | None = None,
+        validation_split: float | None = None,
+        callbacks: Sequence[Any] = ()) -> tuple[TrainState, list[dict]]:
     """Trains ``net`` with each epoch compiled into one program that runs on the device.
 
     Args:
@@ -183,6 +210,19 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         mesh)`` (as :func:`jaxnet.app.run.train` loads them in a multi-process run); the results
         are those of passing the whole set. Labels are checked only in this block.
 
+      metrics: ``{name: fn(outputs, y) -> (batch,)}`` per-example metrics summed on the
+        device (:mod:`jaxnet.metrics`: ``top_k(5)``, ``absolute_error``, ...), reported as
+        ``train_<name>``, ``val_<name>``, ``test_<name>``; default by task
+        (:func:`default_metrics`). Accuracy is reported for classification only.
+      validation_data: held-out ``(x, y)`` to select and stop on, evaluated after every epoch
+        (``val_loss``, ``val_accuracy``, ...); ``eval_data`` stays the test set.
+      validation_split: instead, the fraction in ``(0, 1)`` of ``train_data``'s rows held out
+        for validation: the last rows, as given (shuffle the data first if it is ordered).
+      callbacks: objects with ``on_epoch_end(record, state) -> bool`` (``True`` stops
+        training) and optionally ``on_train_end(state) -> state``, called with copies of the
+        state they may keep (:mod:`jaxnet.train.callbacks`: early stopping, logging,
+        checkpoints).
+
     Returns:
       ``(state, history)``: the final ``TrainState`` and one dict per epoch with ``epoch,
       train_loss, train_accuracy, [test_loss, test_accuracy,] [skipped_batches,] seconds,
@@ -198,6 +238,7 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
     policy = get_training_policy(precision, "fit")
     check_params(policy, params.params if isinstance(params, TrainState) else params, "fit")
     x, y = map(jnp.asarray if mesh is None else np.asarray, train_data)  # a mesh: placed below
+    (x, y), validation_data = _split_validation(x, y, validation_data, validation_split, mesh)
     n = x.shape[0] if num_examples is None else num_examples
     if num_examples is not None and mesh is None:
         raise ValueError("fit: num_examples is for a mesh (train_data then holds one "
@@ -206,6 +247,9 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         _check_data(net, params.params if isinstance(params, TrainState) else params, x, y,
                     "train_data")
     state = _initial_state(net, optimizer, params, model_state, key, x)
+    output = _output_spec(net, state.params, x[:1])
+    metrics = default_metrics(output, y) if metrics is None else metrics
+    classification = is_classification(output, y)
     batch_size = min(batch_size, n)
     shardings, epoch_layout, eval_layout = {}, None, None
     if mesh is not None:  # data parallel; the layout is described in jaxnet/data_parallel.py
@@ -216,19 +260,19 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         shardings = {"out_shardings": parallel.replicated(mesh)}
         epoch_layout, eval_layout = parallel.row_sharding(mesh, 1), parallel.row_sharding(mesh)
     plan = EpochPlan.of(n, batch_size)
-    reporter = make_progress(progress, epochs, plan.num_batches)
+    reporter = make_progress(progress, epochs, plan.num_batches, classification)
     epoch_fn, _ = make_epoch(net, optimizer, loss, n, batch_size,
                              reporter.update if reporter.active else None,
                              progress_every or max(plan.num_batches // 50, 1), on_nan,
-                             precision=policy, batch_sharding=epoch_layout)
+                             precision=policy, batch_sharding=epoch_layout, metrics=metrics)
 
     start = time.perf_counter()
     compiled = xla_options.jit(epoch_fn, donate_argnums=0, **shardings).lower(
         state, x, y, jnp.int32(0)).compile()
-    evaluate_state = None
-    if eval_data is not None:
-        evaluate_state = _compile_evaluation(net, loss, eval_data, eval_batch_size, policy, mesh,
-                                             eval_layout, shardings, state)
+    evaluations = [_compile_evaluation(net, loss, prefix, data, eval_batch_size, policy, mesh,
+                                       eval_layout, shardings, state, metrics, classification)
+                   for prefix, data in (("val", validation_data), ("test", eval_data))
+                   if data is not None]
     compile_seconds = time.perf_counter() - start
 
     done, rest = divmod(int(state.step), plan.num_batches)
@@ -237,9 +281,11 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
                          f"({plan.num_batches} steps per epoch); continue from an epoch boundary")
     return run_epochs(state, lambda state, epoch: compiled(state, x, y, epoch),
                       first_epoch=done, epochs=epochs, reporter=reporter,
-                      train_record=lambda sums, epoch: _train_record(sums, epoch, plan, on_nan),
-                      evaluate=evaluate_state, examples=n, compile_seconds=compile_seconds,
-                      on_epoch=on_epoch)
+                      train_record=lambda sums, epoch: _train_record(sums, epoch, plan, on_nan,
+                                                                     classification),
+                      evaluate=lambda state: {k: v for run in evaluations for k, v in run(state).items()},
+                      examples=n, compile_seconds=compile_seconds, on_epoch=on_epoch,
+                      callbacks=callbacks)
 
 
 def _initial_state(net: Layer, optimizer, params, model_state, key, x) -> TrainState:
@@ -252,35 +298,54 @@ def _initial_state(net: Layer, optimizer, params, model_state, key, x) -> TrainS
     return init_train_state(net, optimizer, params, model_state=model_state, key=key)
 
 
-def _compile_evaluation(net, loss, eval_data, eval_batch_size, policy, mesh, eval_layout,
-                        shardings, state) -> Callable[[TrainState], dict]:
-    """``state -> {"test_loss": ..., "test_accuracy": ...}``, compiled for ``eval_data``."""
+def _split_validation(x, y, validation_data, validation_split, mesh):
+    """``((x, y), validation_data)`` with the last ``validation_split`` of the rows held out."""
+    if validation_split is None:
+        return (x, y), validation_data
+    if validation_data is not None or mesh is not None:
+        raise ValueError("fit: validation_split holds out rows of train_data; it cannot be "
+                         "combined with validation_data or a mesh (pass validation_data)")
+    if isinstance(validation_split, bool) or not 0 < validation_split < 1:
+        raise ValueError(f"fit: validation_split must be in (0, 1), got {validation_split!r}")
+    held = int(round(x.shape[0] * validation_split))
+    if not 0 < held < x.shape[0]:
+        raise ValueError(f"fit: validation_split={validation_split} of {x.shape[0]} examples "
+                         f"leaves {held} for validation and {x.shape[0] - held} for training")
+    return (x[:-held], y[:-held]), (x[-held:], y[-held:])
+
+
+def _compile_evaluation(net, loss, prefix, eval_data, eval_batch_size, policy, mesh, eval_layout,
+                        shardings, state, metrics, classification) -> Callable[[TrainState], dict]:
+    """``state -> {"<prefix>_loss": ..., ...}``, compiled for ``eval_data``."""
     x_eval, y_eval = map(jnp.asarray if mesh is None else np.asarray, eval_data)
-    _check_data(net, state.params, x_eval, y_eval, "eval_data")
+    _check_data(net, state.params, x_eval, y_eval, "eval_data" if prefix == "test" else
+                "validation_data")
     eval_size = min(eval_batch_size, x_eval.shape[0])
     if mesh is not None:  # whole on every device; each batch split over them (masked padding)
         x_eval, y_eval = parallel.replicate(mesh, (x_eval, y_eval))
         eval_size = parallel.round_up_to_devices(mesh, eval_size)
     compiled = xla_options.jit(make_evaluate(net, loss, x_eval.shape[0], eval_size,
-                                             precision=policy, batch_sharding=eval_layout),
+                                             precision=policy, batch_sharding=eval_layout,
+                                             metrics=metrics),
                                forward_rows=eval_size, **shardings).lower(
         state.params, state.model_state, x_eval, y_eval).compile()
 
     def evaluate_state(state):
-        test = compiled(state.params, state.model_state, x_eval, y_eval).means()
-        return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+        means = compiled(state.params, state.model_state, x_eval, y_eval).means(classification)
+        return {f"{prefix}_{name}": value for name, value in means.items()}
 
     return evaluate_state
 
 
-def _train_record(sums: Sums, epoch: int, plan: EpochPlan, on_nan: str) -> dict:
+def _train_record(sums: Sums, epoch: int, plan: EpochPlan, on_nan: str,
+                  classification: bool) -> dict:
     """The epoch's train metrics; raises ``FloatingPointError`` for a non-finite loss."""
-    train = sums.means()  # waits for the epoch to finish
+    train = sums.means(classification)  # waits for the epoch to finish
     steps = f"steps {epoch * plan.num_batches + 1}-{(epoch + 1) * plan.num_batches}"
     if not math.isfinite(train["loss"]):
         raise FloatingPointError(f"fit: the training loss became {train['loss']} in epoch "
                                  f"{epoch + 1} ({steps}); lower the learning rate?")
-    record = {"train_loss": train["loss"], "train_accuracy": train["accuracy"]}
+    record = {f"train_{name}": value for name, value in train.items()}
     if on_nan == "skip":
         record["skipped_batches"] = int(sums.skipped)
         if record["skipped_batches"] == plan.num_batches:

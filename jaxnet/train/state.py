@@ -18,7 +18,7 @@ from jaxnet._xla import options as xla_options
 from jaxnet.losses import check_per_example, softmax_cross_entropy
 from jaxnet.nn.layer import Layer, Params, State
 from jaxnet.precision import Policy, apply_with_policy, get_training_policy
-from jaxnet.train.engine import Sums, batch_sums
+from jaxnet.train.engine import Metric, Sums, batch_sums
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -75,7 +75,8 @@ def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossF
                 state: TrainState, x: jax.Array, y: jax.Array,
                 weights: jax.Array | None = None, on_nan: str = "stop",
                 drop_rate: jax.Array | None = None,
-                precision: str | Policy | None = None) -> tuple[TrainState, Sums]:
+                precision: str | Policy | None = None,
+                metrics: Mapping[str, Metric] | None = None) -> tuple[TrainState, Sums]:
     """One optimizer step on one batch (traceable; not jitted by itself).
 
     Args:
@@ -91,6 +92,10 @@ def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossF
       precision: ``None`` (no casts), ``"f32"``, ``"bf16"`` or a ``jaxnet.precision.Policy``:
         the forward pass runs in the policy's compute dtype, the loss on float32 logits, and
         the gradients and updates of the float32 params stay float32.
+      metrics: ``{name: fn(outputs, y) -> (batch,)}`` summed into ``Sums.extra``.
+
+    The optimizer's ``update`` also receives ``value=`` the batch's mean loss, which optax
+    transformations such as ``optax.contrib.reduce_on_plateau`` need and the others ignore.
     """
     policy = get_training_policy(precision, "train_batch")
     step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step) if net.needs_key else None
@@ -111,16 +116,17 @@ def train_batch(net: Layer, optimizer: optax.GradientTransformation, loss: LossF
     # optax mixes Python floats and int32 step counts; keep it working for users who trace
     # their own code with jax_numpy_dtype_promotion="strict".
     with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = optax.with_extra_args_support(optimizer).update(
+            grads, state.opt_state, state.params, value=mean)
         params = optax.apply_updates(state.params, updates)
-    sums = batch_sums(logits, y, losses, weights)
+    sums = batch_sums(logits, y, losses, weights, metrics)
     trained = (params, model_state, opt_state)
     if on_nan == "skip":
         finite = jnp.isfinite(mean)
         trained = jax.tree.map(lambda new, old: jnp.where(finite, new, old), trained,
                                (state.params, state.model_state, state.opt_state))
-        sums = Sums(*(jnp.where(finite, s, 0.0) for s in sums[:3]),
-                    skipped=1.0 - finite.astype(jnp.float32))
+        kept = jax.tree.map(lambda s: jnp.where(finite, s, 0.0), sums)
+        sums = kept._replace(skipped=1.0 - finite.astype(jnp.float32))
     return TrainState(*trained, state.step + 1, state.key), sums
 
 

@@ -1,0 +1,229 @@
+"""Run directories of ``jaxnet train``, read back as a network, its parameters and its inputs.
+
+A finished run directory holds ``config.json`` (the settings under ``"config"``, the data under
+``"data"``: example shape, classes, standardisation, and for text runs the vocabulary) and
+``params.safetensors`` (and ``model_state.safetensors`` for networks with state). This module
+rebuilds the network from the settings (:func:`build_model`, also what ``jaxnet train`` builds)
+and the preprocessing the run applied to its inputs (:func:`preprocess_for`)::
+
+    run = jaxnet.load_run("runs/digits-mlp-20250101-120000")
+    logits = jaxnet.predict(run.net, run.params, run.preprocess(raw_images))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet.models import cnn, mlp, transformer
+from jaxnet.nn.basic import Dense, Embedding, Reshape
+from jaxnet.nn.combinators import serial
+from jaxnet.nn.global_pool import GlobalAvgPool
+from jaxnet.nn.layer import Layer, shape_str
+from jaxnet.nn.norm import LayerNorm
+from jaxnet.nn.positional import LearnedPositionalEmbedding
+from jaxnet.nn.recurrent import GRU, LSTM
+from jaxnet.nn.transformer import TransformerBlock
+from jaxnet.tensorfile import load_params
+
+MODELS = ("mlp", "cnn", "lstm", "gru", "transformer")
+SEQUENCE_MODELS = ("lstm", "gru", "transformer")
+LANGUAGE_MODEL = "language_model"  # the data record's "task" for a text run
+DEFAULT_LAYERS = {"lstm": 1, "gru": 1, "transformer": 2}
+
+
+class Run(NamedTuple):
+    """A finished run, read back by :func:`load_run`.
+
+    Attributes:
+      net: the network, as ``jaxnet train`` built it.
+      params: its trained parameters (JAX arrays).
+      model_state: its state (``{}`` for networks without stateful layers).
+      preprocess: raw inputs (as the data set's loader reads them: images ``(n, *example)``,
+        ``(n, height, width)`` or ``(n, features)``, uint8 pixels or floats) to what the network
+        was trained on, float32 ``(n, *example)``; for text runs, token ids to int32.
+      config: the whole ``config.json`` record (``config``: the settings; ``data``: the data).
+    """
+
+    net: Layer
+    params: Any
+    model_state: Any
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    config: dict
+
+
+def _setting(config, name: str, default=None):
+    if isinstance(config, Mapping):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def is_language_model(data: Mapping) -> bool:
+    """Whether a run's ``data`` record is a text corpus (next-token prediction)."""
+    return data.get("task") == LANGUAGE_MODEL
+
+
+def build_model(config, data: Mapping) -> Layer:
+    """The network a run's settings describe.
+
+    Args:
+      config: the settings, a mapping (``config.json``'s ``"config"``) or an object with the
+        same attributes: ``model`` (one of ``MODELS``), ``hidden`` (MLP widths; the first is the
+        recurrent width or the transformer's ``d_model``), ``activation``, ``drop_rate``,
+        ``layers`` (recurrent layers or transformer blocks; None: 1, or 2 for the transformer),
+        ``heads`` (attention heads).
+      data: the data record: ``num_classes`` (for text, the vocabulary size), ``example_shape``
+        and, for text, ``task == "language_model"``.
+
+    Returns:
+      Images: ``mlp``, ``cnn``, or a sequence model over the image rows as time steps
+      (``(height, width * channels)``): ``lstm``/``gru`` (the last step's output to a Dense
+      classifier) or ``transformer`` (rows projected to ``d_model``, learned positions,
+      encoder blocks, LayerNorm, mean over the rows, Dense). Text: a causal language model,
+      ``transformer`` (:func:`jaxnet.models.transformer`) or ``lstm``/``gru`` (Embedding,
+      recurrent layers, Dense to the vocabulary).
+
+    Raises:
+      ValueError: an unknown model, or one that does not fit the data (mlp/cnn on text).
+    """
+    model = _setting(config, "model")
+    hidden = tuple(_setting(config, "hidden", (256,)) or (256,))
+    activation, drop_rate = _setting(config, "activation", "relu"), _setting(config, "drop_rate", 0.0)
+    layers = _setting(config, "layers") or DEFAULT_LAYERS.get(model, 1)
+    heads = _setting(config, "heads", 4) or 4
+    num_classes, example = int(data["num_classes"]), tuple(int(d) for d in data["example_shape"])
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}; got {model!r}")
+    if is_language_model(data):
+        if model not in SEQUENCE_MODELS:
+            raise ValueError(f"model {model!r} does not fit text; use one of "
+                             f"{', '.join(SEQUENCE_MODELS)}")
+        if model == "transformer":
+            return transformer(num_classes, num_blocks=layers, features=hidden[0],
+                               num_heads=heads, max_length=example[0], drop_rate=drop_rate)
+        cell = LSTM if model == "lstm" else GRU
+        return serial(Embedding(num_classes, hidden[0]),
+                      *[cell(hidden[0], return_sequences=True) for _ in range(layers)],
+                      Dense(num_classes))
+    if model == "cnn":
+        return cnn(num_classes, activation, drop_rate)
+    if model == "mlp":
+        return mlp(hidden, num_classes, activation, drop_rate)
+    rows = Reshape((example[0], int(np.prod(example[1:], dtype=int))))  # rows are time steps
+    if model == "transformer":
+        return serial(rows, Dense(hidden[0]), LearnedPositionalEmbedding(example[0]),
+                      *[TransformerBlock(heads, drop_rate=drop_rate) for _ in range(layers)],
+                      LayerNorm(), GlobalAvgPool(), Dense(num_classes))
+    cell = LSTM if model == "lstm" else GRU
+    return serial(rows, *[cell(hidden[0], return_sequences=i < layers - 1) for i in range(layers)],
+                  Dense(num_classes))
+
+
+def preprocess_for(data: Mapping, input_shape: tuple[int, ...], input_dtype
+                   ) -> Callable[[np.ndarray], np.ndarray]:
+    """The preprocessing a run applied, for raw inputs of ``input_shape`` and ``input_dtype``.
+
+    Images: ``uint8`` values are pixels in 0..255 and are scaled by 1/255 (as the IDX and
+    ``.npz`` loaders do); other numbers are taken as they are, as float32 (the loaders' values);
+    then ``(x - mean) / std`` with the training set's statistics, as training computed it.
+    Text: integer token ids, cast to int32.
+
+    Args:
+      data: the ``data`` record of the run's ``config.json`` (``example_shape``, ``mean``,
+        ``std``).
+      input_shape: ``(n, *shape)``: ``shape`` is the run's example shape (``(8, 8, 1)``), that
+        shape without a trailing channel axis of size 1 (``(8, 8)``), or flattened (``(64,)``).
+      input_dtype: an integer or floating NumPy dtype (integer for text).
+
+    Returns:
+      ``(rows, *shape)`` raw values to ``(rows, *example_shape)`` float32 (int32 for text).
+
+    Raises:
+      ValueError: ``input_shape`` is none of the accepted forms (the message names them).
+      TypeError: ``input_dtype`` is not a number type (for text: not an integer type).
+    """
+    example = tuple(int(d) for d in data["example_shape"])
+    size = int(np.prod(example))
+    accepted = [example] + ([example[:-1]] if example[-1:] == (1,) else []) + [(size,)]
+    accepted = list(dict.fromkeys(accepted))  # (n,) examples: the forms coincide
+    if len(input_shape) == 0 or tuple(input_shape[1:]) not in accepted:
+        forms = ", ".join(shape_str(("n",) + a) for a in accepted)
+        raise ValueError(f"inputs of shape {shape_str(tuple(input_shape))} do not fit the run's "
+                         f"examples of shape {shape_str(example)}; expected {forms}")
+    input_dtype = np.dtype(input_dtype)
+    if is_language_model(data):
+        if input_dtype.kind not in "ui":
+            raise TypeError(f"a text run's inputs are integer token ids, got dtype {input_dtype}")
+        return lambda chunk: np.asarray(chunk).astype(np.int32).reshape((len(chunk),) + example)
+    if input_dtype.kind not in "uif":
+        raise TypeError(f"inputs must be numbers (integer or float), got dtype {input_dtype}")
+    mean, std = np.float32(data["mean"]), np.float32(data["std"])
+
+    def preprocess(chunk: np.ndarray) -> np.ndarray:
+        chunk = np.asarray(chunk)
+        x = chunk / np.float32(255) if chunk.dtype == np.uint8 else chunk.astype(np.float32)
+        return ((x - mean) / std).reshape((len(chunk),) + example)
+
+    return preprocess
+
+
+def read_record(run_dir) -> dict:
+    """The ``config.json`` record of a run directory, checked for the entries a run needs.
+
+    Raises:
+      FileNotFoundError: no ``config.json`` (the message names it).
+      ValueError: it is not valid JSON or lacks ``config.model`` or ``data.num_classes`` /
+        ``data.example_shape``.
+    """
+    config_file = Path(run_dir) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing; is {run_dir} a jaxnet run directory?")
+    try:
+        record = json.loads(config_file.read_text())
+        str(record["config"]["model"])
+        int(record["data"]["num_classes"])
+        [int(d) for d in record["data"]["example_shape"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_file}: not a valid jaxnet run config ({type(error).__name__}: "
+                         f"{error})") from None
+    return record
+
+
+def _read_tensors(path: Path, what: str):
+    try:
+        return jax.tree.map(jnp.asarray, load_params(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; the run in {path.parent} did not finish (or "
+                                f"is not a jaxnet run directory), so it has no {what}") from None
+
+
+def load_run(run_dir) -> Run:
+    """Reads a finished ``jaxnet train`` run directory back (see :class:`Run`).
+
+    ``jaxnet.predict(run.net, run.params, run.preprocess(x), model_state=run.model_state)``
+    gives what ``jaxnet predict RUN_DIR`` writes for the raw inputs ``x``.
+
+    Raises:
+      FileNotFoundError: ``config.json`` or ``params.safetensors`` is missing (the message
+        names the file).
+      ValueError: ``config.json`` is not a valid run config, or a tensor file is damaged.
+    """
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    net = build_model(record["config"], record["data"])
+    params = _read_tensors(run_dir / "params.safetensors", "trained parameters")
+    state_file = run_dir / "model_state.safetensors"
+    model_state = _read_tensors(state_file, "model state") if state_file.is_file() else {}
+    data = record["data"]
+
+    def preprocess(x) -> np.ndarray:
+        x = np.asarray(x)
+        return preprocess_for(data, x.shape, x.dtype)(x)
+
+    return Run(net, params, model_state, preprocess, record)
