@@ -1,7 +1,7 @@
 """Runs jaxnet's benchmarks and writes ``benchmarks/results/<name>.json`` and ``.md``.
 
-    python benchmarks/run.py              # full: ~5 minutes on 2 CPU cores
-    python benchmarks/run.py --quick      # ~1 minute
+    python benchmarks/run.py              # full: ~10 minutes on 2 CPU cores
+    python benchmarks/run.py --quick      # ~3 minutes
 
 Run it on a quiet machine: every variant is measured side by side in one process, alternating,
 and reported as median, min and max with ratios to the hand-written raw-JAX reference measured
@@ -19,6 +19,11 @@ this machine):
       28x28x1, batch 128, Adam: train steps per second (raw JAX with ``lax`` convolutions and
       ``reduce_window`` max-pool as the reference; PyTorch eager when it is installed), and the
       forward pass on 8192 inputs.
+  W6: causal transformer LM over bytes (4 pre-norm blocks, d_model 256, 4 heads, sequence 128,
+      batch 32), Adam: train tokens per second (steps/s x 4096).
+  W7: LSTM 256 over 28 steps of 28 features, batch 128, Dense(10), Adam: train steps per second.
+  W6 and W7 (``benchmarks/sequences.py``) run PyTorch eager when it is installed, W6 also
+  ``torch.compile`` unless ``--no-torch-compile``.
 The peer libraries (``benchmarks/peers.py``) run on W1 at batch 128, W2 and W3 when installed.
 """
 
@@ -40,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxnet
-from benchmarks import peers, population, workloads
+from benchmarks import peers, population, sequences, workloads
 from benchmarks.harness import (Variant, compile_entries, format_table, matmul_rate,
                                 measure, summarise, write_json)
 from jaxnet.models import cnn
@@ -65,8 +70,10 @@ def _log_skipped(skipped: list[dict], start: int, log: Callable[[str], None]) ->
         log(f"  skipped {note['variant']} on {note['workload']}: {note['reason']}")
 
 
-def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print, *,
+                   torch_compile: bool = True) -> dict:
     """Runs every workload; returns ``{"matmul_gflops", "entries", "skipped", "settings"}``.
+    ``torch_compile=False`` leaves out W6's ``torch.compile`` variant.
 
     The peer libraries (``benchmarks.peers``) run on W1 at batch 128, W2 and W3 when they are
     installed; ``skipped`` holds a note for each one that is not."""
@@ -119,11 +126,35 @@ def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print) -> d
                                             jax.random.normal(key, (n, 28, 28, 1), jnp.float32))
     entries += _forward_entries(f"W5 forward CNN n{n}", variants, n,
                                 workloads.CNN_FLOPS_PER_EXAMPLE, quick, rounds, peak)
+    entries += _sequence_entries(quick, rounds, peak, skipped, torch_compile, log)
     return {"matmul_gflops": peak / 1e9, "entries": entries, "skipped": skipped,
             "settings": {"quick": quick, "rounds": rounds, "jax": jax.__version__,
                          "devices": [str(d) for d in jax.devices()],
                          "load_average_before": load_before, "load_average_after": os.getloadavg(),
                          "xla_flags": os.environ.get("XLA_FLAGS", "")}}
+
+
+def _sequence_entries(quick, rounds, peak, skipped, torch_compile, log) -> list[dict]:
+    """W6 in tokens per second (steps/s times batch times length: a W6 step takes about a
+    second, and the table prints whole numbers) and W7 in steps per second
+    (``benchmarks/sequences.py``)."""
+    w6, w7 = sequences.W6, sequences.W7
+    workloads_ = (
+        (w6, 2 if quick else 3, "tokens/s", w6.batch * w6.length,
+         lambda steps, notes: sequences.transformer_variants(
+             w6, steps, torch_compile=torch_compile, skipped=notes)),
+        (w7, 5 if quick else 20, "steps/s", 1,
+         lambda steps, notes: sequences.lstm_variants(w7, steps, skipped=notes)))
+    entries = []
+    for sizes, steps, unit, per_step, build in workloads_:
+        name, noted = sequences.workload_name(sizes), len(skipped)
+        log(f"{name}: {rounds} rounds of {steps} steps")
+        variants = build(steps, skipped)
+        _log_skipped(skipped, noted, log)
+        rates = measure(variants, steps, rounds)
+        rates = {k: [r * per_step for r in v] for k, v in rates.items()}
+        entries += summarise(name, variants, rates, unit, sizes.flops_per_step() / per_step, peak)
+    return entries
 
 
 def _forward_entries(workload, variants, n, flops_per_example, quick, rounds, peak) -> list[dict]:
@@ -137,12 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--name", default="latest", help="results file name (default %(default)s)")
+    parser.add_argument("--no-torch-compile", action="store_true",
+                        help="leave out W6's torch.compile variant (slow to compile on CPU)")
     args = parser.parse_args(argv)
-    results = run_benchmarks(quick=args.quick)
+    results = (run_benchmarks(quick=args.quick, torch_compile=False) if args.no_torch_compile
+               else run_benchmarks(quick=args.quick))
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "date": datetime.date.today().isoformat()}
     write_json(results, RESULTS / f"{args.name}.json")
-    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    command = ("python benchmarks/run.py" + (" --quick" if args.quick else "")
+               + (" --no-torch-compile" if args.no_torch_compile else ""))
     (RESULTS / f"{args.name}.md").write_text(
         f"`{command}` on {results['machine']['date']}, {platform.machine()} with "
         f"{os.cpu_count()} CPU cores, jax {results['settings']['jax']}\n\n{format_table(results)}\n")

@@ -3,6 +3,7 @@
 ``benchmarks/`` (no import cycle; nothing in ``jaxnet/`` imports it). No timings are asserted."""
 
 import ast
+import importlib.util
 import json
 import math
 import pathlib
@@ -10,9 +11,13 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
+import optax
 import pytest
 
-from benchmarks import harness, peers, population, run, workloads
+import jaxnet.losses
+
+from benchmarks import harness, peers, population, run, sequences, workloads
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -176,7 +181,8 @@ def test_benchmark_modules_import_each_other_without_a_cycle():
     assert graph["workloads"] == {"harness"}
     assert graph["peers"] == {"harness"}
     assert graph["population"] == {"harness", "workloads"}
-    assert graph["run"] == {"harness", "workloads", "peers", "population"}
+    assert graph["run"] == {"harness", "workloads", "peers", "population", "sequences"}
+    assert graph["sequences"] == {"harness", "workloads"}
     assert graph["accelerator"] == {"harness"}
     assert graph["xla_cpu"] == {"harness", "workloads"}
     done, visiting = set(), []
@@ -210,3 +216,149 @@ def test_the_package_never_imports_the_benchmarks():
                               and node.level == 0 else [])
                  if name == "benchmarks" or name.startswith("benchmarks.")]
     assert offenders == []
+
+
+# ---- W6 and W7: the sequence models, at tiny sizes ---------------------------------------------
+
+TINY_LM = sequences.TransformerSizes(num_blocks=2, features=32, num_heads=4, length=16, batch=4,
+                                     vocab=64)
+TINY_LSTM = sequences.LSTMSizes(hidden=8, steps=5, features=3, batch=4, classes=10)
+
+
+def _has_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def test_w6_and_w7_entries_have_every_field_and_name_every_variant(monkeypatch):
+    monkeypatch.setattr(sequences, "W6", TINY_LM)
+    monkeypatch.setattr(sequences, "W7", TINY_LSTM)
+    skipped, logged = [], []
+    entries = run._sequence_entries(True, 1, 1e9, skipped, False, logged.append)
+    torch_names = [n for n in ("pytorch eager, fused adam",) if _has_torch()]
+    jax_names = ["raw-jax step (donated)", "jaxnet train step", "jaxnet fit (device loop)"]
+    lm, lstm = "W6 transformer LM 2x32 h4 t16 b4", "W7 LSTM 8 t5x3 b4"
+    got = [(e["workload"], e["variant"].replace(f" {_torch_version()} ", " ")) for e in entries]
+    assert got == [(lm, n) for n in jax_names + torch_names] + [
+        (lstm, n) for n in jax_names + torch_names]
+    for entry in entries:
+        assert set(entry) == FIELDS
+        assert entry["unit"] == ("tokens/s" if entry["workload"] == lm else "steps/s")
+        assert 0 < entry["min"] <= entry["median"] <= entry["max"]
+        assert entry["compile_seconds"] > 0 and not entry["lower_is_better"]
+    tokens = TINY_LM.batch * TINY_LM.length  # per step
+    assert entries[0]["gflops"] == pytest.approx(
+        entries[0]["median"] / tokens * TINY_LM.flops_per_step() / 1e9)
+    assert entries[-1]["gflops"] == pytest.approx(
+        entries[-1]["median"] * TINY_LSTM.flops_per_step() / 1e9)
+    assert logged[0] == f"{lm}: 1 rounds of 2 steps"
+    assert logged[-1] == f"{lstm}: 1 rounds of 5 steps"
+    if _has_torch():  # the compiled variant was turned off, with a note
+        assert [(s["workload"], s["variant"], s["reason"]) for s in skipped] == [
+            (lm, "pytorch torch.compile", "turned off (--no-torch-compile)")]
+
+
+def _torch_version() -> str:
+    return __import__("torch").__version__ if _has_torch() else "(no torch)"
+
+
+def test_the_default_sizes_are_the_issues_and_count_their_flops():
+    assert (sequences.W6.num_blocks, sequences.W6.features, sequences.W6.num_heads,
+            sequences.W6.length, sequences.W6.batch) == (4, 256, 4, 128, 32)
+    assert (sequences.W7.hidden, sequences.W7.steps, sequences.W7.features,
+            sequences.W7.batch) == (256, 28, 28, 128)
+    tokens = 32 * 128
+    per_token = 4 * (24 * 256 ** 2 + 4 * 128 * 256) + 2 * 256 * 256
+    assert sequences.W6.flops_per_step() == 3 * tokens * per_token
+    assert sequences.W7.flops_per_step() == 3 * 128 * (2 * 28 * 284 * 1024 + 2 * 256 * 10)
+    assert sequences.workload_name(sequences.W6) == "W6 transformer LM 4x256 h4 t128 b32"
+    assert sequences.workload_name(sequences.W7) == "W7 LSTM 256 t28x28 b128"
+
+
+def test_the_raw_w6_reference_computes_jaxnets_logits_and_loss_from_the_same_weights(key):
+    net = sequences.jaxnet_transformer(TINY_LM)
+    x, y = sequences.token_batch(TINY_LM)
+    params = net.init(key, x[:1])
+    raw_params = sequences.raw_transformer_init(key, TINY_LM)
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+    assert shapes(raw_params) == shapes(params)  # the weights map one to one, by name
+    raw_logits = sequences.raw_transformer_apply(TINY_LM.num_heads, params, x)
+    logits = net.apply(params, x)
+    assert logits.shape == (TINY_LM.batch, TINY_LM.length, TINY_LM.vocab)
+    assert jax.numpy.allclose(raw_logits, logits, atol=1e-4, rtol=1e-4)
+    raw_loss = optax.softmax_cross_entropy_with_integer_labels(raw_logits, y).mean()
+    loss = jaxnet.losses.token_cross_entropy(logits, y).mean()
+    assert raw_loss == pytest.approx(float(loss), rel=1e-5)
+    # at initialisation both are near the uniform guess, ln(vocab) (logits of unit variance)
+    assert abs(float(loss) - math.log(TINY_LM.vocab)) < 1.5
+
+
+def test_the_raw_w7_reference_is_pytorchs_lstm_with_the_same_weights():
+    torch = pytest.importorskip("torch")
+    model = sequences.torch_lstm_model(TINY_LSTM)
+    x, _ = sequences.sequence_batch(TINY_LSTM)
+    lstm, head = model.lstm, model.head
+    t = lambda a: jax.numpy.asarray(a.detach().numpy())
+    params = {"wx": t(lstm.weight_ih_l0).T, "wh": t(lstm.weight_hh_l0).T,
+              "b": t(lstm.bias_ih_l0 + lstm.bias_hh_l0), "head": (t(head.weight).T, t(head.bias))}
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.array(x))).numpy()
+    np.testing.assert_allclose(sequences.raw_lstm_apply(params, x), expected, atol=1e-5)
+
+
+def test_the_pytorch_w6_model_is_causal_and_starts_near_the_uniform_loss():
+    torch = pytest.importorskip("torch")
+    model = sequences.torch_transformer(TINY_LM)
+    x, y = (torch.from_numpy(np.array(a, np.int64)) for a in sequences.token_batch(TINY_LM))
+    with torch.no_grad():
+        logits = model(x).reshape(TINY_LM.batch, TINY_LM.length, TINY_LM.vocab)
+        changed = x.clone()
+        changed[:, 10:] = (changed[:, 10:] + 1) % TINY_LM.vocab  # change the future only
+        again = model(changed).reshape(logits.shape)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, TINY_LM.vocab), y.reshape(-1))
+    torch.testing.assert_close(again[:, :10], logits[:, :10])
+    assert not torch.allclose(again[:, 10:], logits[:, 10:])
+    assert abs(float(loss) - math.log(TINY_LM.vocab)) < 1.5
+
+
+def test_a_failing_torch_compile_leaves_pytorch_eager_with_a_note(monkeypatch):
+    torch = pytest.importorskip("torch")
+
+    def fail(model):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", fail)
+    skipped = []
+    variants = sequences.torch_transformer_variants(TINY_LM, True, skipped)
+    assert [v.name for v in variants] == [f"pytorch {torch.__version__} eager, fused adam"]
+    assert skipped == [{"workload": "transformer LM 2x32 h4 t16 b4",
+                        "variant": "pytorch torch.compile",
+                        "reason": "compilation failed: RuntimeError: no C++ compiler"}]
+    variants[0].run(1)
+
+
+def test_without_pytorch_the_sequence_workloads_skip_it_with_notes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
+    skipped = []
+    assert sequences.torch_transformer_variants(TINY_LM, True, skipped) == []
+    assert sequences.torch_lstm_variants(TINY_LSTM, skipped) == []
+    assert [(s["workload"], s["variant"]) for s in skipped] == [
+        ("transformer LM 2x32 h4 t16 b4", "pytorch"), ("LSTM 8 t5x3 b4", "pytorch")]
+    assert all("torch not installed" in s["reason"] for s in skipped)
+
+
+def test_run_passes_no_torch_compile_on_and_names_it_in_the_markdown(monkeypatch, tmp_path):
+    calls = []
+    results = {"matmul_gflops": 1.0, "entries": [], "skipped": [],
+               "settings": {"jax": jax.__version__}}
+
+    def fake(quick, torch_compile=True):
+        calls.append((quick, torch_compile))
+        return results
+
+    monkeypatch.setattr(run.jaxnet, "keep_freed_host_memory", lambda: None)
+    monkeypatch.setattr(run, "run_benchmarks", fake)
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    run.main(["--no-torch-compile", "--name", "b"])
+    assert calls == [(False, False)]
+    assert (tmp_path / "b.md").read_text().startswith(
+        "`python benchmarks/run.py --no-torch-compile` on ")
