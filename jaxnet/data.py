@@ -34,8 +34,8 @@ _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 _HOW_TO_GET = {
     "fashion-mnist": "install the Debian package dataset-fashion-mnist (`apt-get update && apt-get "
                      f"install dataset-fashion-mnist` puts them in {FASHION_MNIST_DIR}) or pass "
-                     "--data-dir a directory with the four IDX files",
-    "mnist": "pass --data-dir a directory with the four MNIST IDX files (train-images-idx3-ubyte"
+                     "`data_dir`, a directory with the four IDX files",
+    "mnist": "pass `data_dir`, a directory with the four MNIST IDX files (train-images-idx3-ubyte"
              "[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
              "t10k-labels-idx1-ubyte[.gz])",
 }
@@ -80,9 +80,20 @@ def _to_float32(x: np.ndarray) -> np.ndarray:
     return x / np.float32(255) if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
 
 
+# Labels beyond these make an absurd output layer (a typo, or regression targets as labels).
+MAX_CLASSES = 100_000  # the largest label must be below this
+CLASSES_PER_EXAMPLE = 10  # ... and at most this many times the number of examples
+
+
 def _dataset(x_train, y_train, x_test, y_test, name: str, rows: slice | None = None,
-             train_examples: int | None = None) -> Dataset:
-    num_classes = int(max(y_train.max(initial=0), y_test.max())) + 1  # rows may be empty
+             train_examples: int | None = None, where=None) -> Dataset:
+    top = int(max(y_train.max(initial=0), y_test.max()))  # rows may be empty
+    examples = (len(y_train) if train_examples is None else train_examples) + len(y_test)
+    if top >= MAX_CLASSES or top > CLASSES_PER_EXAMPLE * examples:
+        raise DataError(f"{where or name}: the largest label is {top}, which would make an output "
+                        f"layer of {top + 1} classes for {examples} examples; labels must be "
+                        f"below {MAX_CLASSES} and at most {CLASSES_PER_EXAMPLE}x the examples")
+    num_classes = top + 1
     return Dataset(_to_float32(x_train), y_train.astype(np.int32), _to_float32(x_test),
                    y_test.astype(np.int32), num_classes, name, rows, train_examples)
 
@@ -278,7 +289,7 @@ def load_idx_dir(directory, name: str, train_rows: Rows | None = None) -> Datase
         rows = _resolve_rows(train_rows, n_train, paths[0])
         x_train, y_train = (read_idx(p, rows) for p in paths[:2])
     return _dataset(x_train[..., None], y_train, x_test[..., None], y_test, name,  # channels-last
-                    rows, n_train)
+                    rows, n_train, paths[1])
 
 
 def _check_idx_set(paths: list[Path], arrays: list[tuple[tuple[int, ...], np.dtype]]) -> None:
@@ -426,7 +437,7 @@ def load_npz(path, train_rows: Rows | None = None) -> Dataset:
         raise DataError(f"{where}: x_train examples have shape {a['x_train'].shape[1:]} but "
                         f"x_test examples {a['x_test'].shape[1:]}")
     return _dataset(a["x_train"], a["y_train"], a["x_test"], a["y_test"], Path(path).stem,
-                    rows, n_train)
+                    rows, n_train, where)
 
 
 def _read_npz_rows(where: Path, keys: tuple[str, ...], train_rows: Rows

@@ -235,18 +235,18 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """
     environ = os.environ if environ is None else environ
     coordinator = coordinator if coordinator is not None else environ.get(ENV_COORDINATOR)
-    num_processes = _int_setting(num_processes, environ, ENV_NUM_PROCESSES, "num-processes")
-    process_id = _int_setting(process_id, environ, ENV_PROCESS_ID, "process-id")
-    settings = {"coordinator": coordinator, "num-processes": num_processes,
-                "process-id": process_id}
+    num_processes = _int_setting(num_processes, environ, ENV_NUM_PROCESSES, "num_processes")
+    process_id = _int_setting(process_id, environ, ENV_PROCESS_ID, "process_id")
+    settings = {"coordinator": coordinator, "num_processes": num_processes,
+                "process_id": process_id}
     given = {name for name, value in settings.items() if value is not None}
     jax_own = bool(environ.get("JAX_COORDINATOR_ADDRESS"))
     if not given and not jax_own:
         return False
     if given and given != set(settings) and not jax_own:
-        missing = ", ".join(f"--{name}" for name in settings if name not in given)
-        raise ValueError(f"a multi-process run needs --coordinator, --num-processes and "
-                         f"--process-id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
+        missing = ", ".join(f"`{name}`" for name in settings if name not in given)
+        raise ValueError(f"a multi-process run needs `coordinator`, `num_processes` and "
+                         f"`process_id` (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
                          f"{ENV_PROCESS_ID}); missing {missing}")
     if coordinator is not None:
         host, _, port = coordinator.rpartition(":")
@@ -254,9 +254,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise ValueError(f"coordinator must be HOST:PORT (e.g. 10.0.0.1:1234), got "
                              f"{coordinator!r}")
     if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num-processes must be a positive integer, got {num_processes}")
+        raise ValueError(f"num_processes must be a positive integer, got {num_processes}")
     if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
-        raise ValueError(f"process-id must be in [0, {num_processes}) for {num_processes} "
+        raise ValueError(f"process_id must be in [0, {num_processes}) for {num_processes} "
                          f"processes, got {process_id}")
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                initialization_timeout=timeout_seconds)

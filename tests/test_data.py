@@ -176,7 +176,7 @@ def test_load_idx_dir_image_size_mismatch(tmp_path):
 def test_load_fashion_mnist_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "none"))
     with pytest.raises(DataError, match=r"apt-get update && apt-get install dataset-fashion-mnist"
-                                        r".*--data-dir"):
+                                        r".*`data_dir`"):
         data.load_fashion_mnist()
 
 
@@ -187,7 +187,7 @@ def test_load_fashion_mnist_and_mnist_from_directory(tmp_path):
 
 
 def test_load_mnist_needs_a_directory():
-    with pytest.raises(DataError, match="mnist: no data directory given.*--data-dir"):
+    with pytest.raises(DataError, match="mnist: no data directory given.*`data_dir`"):
         data.load_mnist(None)
 
 

@@ -114,15 +114,15 @@ def test_initialize_without_settings_is_a_one_process_run():
 
 
 @pytest.mark.parametrize("arguments, environ, message", [
-    ((None, 2, None), {}, "missing --coordinator, --process-id"),
-    ((None, None, None), {"JAXNET_COORDINATOR": "h:1"}, "missing --num-processes, --process-id"),
+    ((None, 2, None), {}, "missing `coordinator`, `process_id`"),
+    ((None, None, None), {"JAXNET_COORDINATOR": "h:1"}, "missing `num_processes`, `process_id`"),
     (("localhost", 2, 0), {}, "coordinator must be HOST:PORT .*got 'localhost'"),
     (("localhost:99999", 2, 0), {}, "coordinator must be HOST:PORT"),
-    (("h:1", 0, 0), {}, "num-processes must be a positive integer, got 0"),
-    (("h:1", 2, 2), {}, r"process-id must be in \[0, 2\) for 2 processes, got 2"),
+    (("h:1", 0, 0), {}, "num_processes must be a positive integer, got 0"),
+    (("h:1", 2, 2), {}, r"process_id must be in \[0, 2\) for 2 processes, got 2"),
     ((None, None, None), {"JAXNET_COORDINATOR": "h:1", "JAXNET_NUM_PROCESSES": "two",
                           "JAXNET_PROCESS_ID": "0"},
-     r"JAXNET_NUM_PROCESSES \(num-processes\) must be an integer, got 'two'"),
+     r"JAXNET_NUM_PROCESSES \(num_processes\) must be an integer, got 'two'"),
 ])
 def test_initialize_rejects_incomplete_or_bad_settings(arguments, environ, message):
     with pytest.raises(ValueError, match=message):
