@@ -511,6 +511,8 @@ _FLAGS = {"batch_size": "--batch-size", "batch-size": "--batch-size", "epochs": 
           "devices": "--devices", "layers": "--layers", "heads": "--heads",
           "seq-len": "--seq-len", "max-chars": "--max-chars", "num-processes": "--num-processes",
           "process-id": "--process-id", "coordinator": "--coordinator"}
+_ARGUMENTS = {"data_dir", "coordinator", "num_processes", "process_id"}
+_FLAGS.update({name: "--" + name.replace("_", "-") for name in _ARGUMENTS})
 _NAMED = re.compile(r"(?:(?:fit|fit_population|predict|data_mesh|sweep|train): )?"
                     r"(?P<name>[a-z_-]+(?: sizes)?)(?P<rest>(?: must |: | -?\d+ does not ).*)",
                     re.S)
@@ -519,6 +521,9 @@ _NAMED = re.compile(r"(?:(?:fit|fit_population|predict|data_mesh|sweep|train): )
 def _with_flag_names(message: str) -> str:
     """A message that starts with an argument's name (``fit: batch_size must be ...``,
     ``epochs must be ...``), with the command-line flag instead (``--batch-size must be ...``)."""
+    # the library writes argument names in backticks inside a sentence: `data_dir`
+    message = re.sub(r"`([a-z_]+)`", lambda m: _FLAGS[m[1]] if m[1] in _ARGUMENTS else m[0],
+                     message)
     match = _NAMED.fullmatch(message)
     if match is None or match["name"] not in _FLAGS:
         return message
