@@ -14,6 +14,7 @@ from jaxnet.nn import __all__ as _layer_names
 from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, restore_checkpoint,
                                restore_params, save_checkpoint)
 from jaxnet.data_parallel import data_mesh
+from jaxnet.export import export
 from jaxnet.host_memory import keep_freed_host_memory
 from jaxnet.inference import predict, predict_proba, predict_to_file
 from jaxnet.per_example import (clip_per_example, dp_aggregate, per_example_grads,
@@ -23,6 +24,7 @@ from jaxnet.population import (Ensemble, Population, best_member, fit_population
 from jaxnet.precision import Policy, get_policy
 from jaxnet.runs import Run, load_run
 from jaxnet.stax import from_stax, to_stax
+from jaxnet.torch_interop import from_torch, to_torch
 from jaxnet.train import TrainState, evaluate, fit, init_train_state, make_train_step
 
 from jaxnet._version import __version__
@@ -35,7 +37,7 @@ __all__ = [
     "per_example_losses", "per_example_norms", "per_example_value_and_grads", "Ensemble",
     "Population", "best_member", "fit_population", "init_population", "Policy", "get_policy",
     "from_stax", "to_stax", "TrainState", "evaluate", "fit", "init_train_state",
-    "make_train_step", "Run", "load_run",
+    "make_train_step", "Run", "load_run", "export", "to_torch", "from_torch",
 ]
 
 

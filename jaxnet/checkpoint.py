@@ -432,7 +432,8 @@ def export_pytorch(params) -> dict[str, np.ndarray]:
     ``(*kernel, in, out)`` (HWIO) becomes ``(out, in, *kernel)`` (OIHW, ``nn.Conv1d/2d/3d``);
     ``b`` becomes ``bias``; a norm's ``scale`` becomes ``weight``; an embedding
     ``table`` becomes ``weight``. Layer names are kept (``dense_1.weight``); map them to your
-    module's names.
+    module's names. This is the arrays-only path; :func:`jaxnet.to_torch` builds the whole
+    module (with these names) and :func:`jaxnet.from_torch` loads weights back.
 
     Args:
       params: a jaxnet params tree.
