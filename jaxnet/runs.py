@@ -13,6 +13,7 @@ and the preprocessing the run applied to its inputs (:func:`preprocess_for`)::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -192,7 +193,37 @@ def read_record(run_dir) -> dict:
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{config_file}: not a valid jaxnet run config ({type(error).__name__}: "
                          f"{error})") from None
+    if problem := _bad_value(record):
+        raise ValueError(f"{config_file}: {problem}")
     return record
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bad_value(record: dict) -> str | None:
+    """What is wrong with the values of a ``config.json`` record (a hand edit, a damaged file):
+    names the key, or None."""
+    data, config = record["data"], record["config"]
+    if not isinstance(data, Mapping) or not isinstance(config, Mapping):
+        return "config and data must be JSON objects"
+    classes = data["num_classes"]
+    if not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 1):
+        return f"data.num_classes must be a positive integer, got {classes!r}"
+    shape = data["example_shape"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                            and d >= 1 for d in shape)):
+        return f"data.example_shape must be a list of positive integers, got {shape!r}"
+    for key in ("mean", "std"):
+        if key in data and not _is_number(data[key]):
+            return f"data.{key} must be a finite number, got {data[key]!r}"
+    if "std" in data and not data["std"] > 0:
+        return f"data.std must be positive, got {data['std']!r}"
+    for key in ("lr", "weight_decay", "drop_rate", "init_scale"):
+        if key in config and not _is_number(config[key]):
+            return f"config.{key} must be a finite number, got {config[key]!r}"
+    return None
 
 
 def _read_tensors(path: Path, what: str):

@@ -8,6 +8,7 @@ Bad arguments or data give one line on stderr and exit status 2, never a traceba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import sys
@@ -161,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="number of processes, the same for every process")
     cluster.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
     train.add_argument("--out", type=Path, metavar="DIR",
-                       help="run directory (default runs/DATASET-MODEL-TIME)")
+                       help="run directory (default runs/DATASET-MODEL-TIME); it must be "
+                            "missing or empty")
+    train.add_argument("--force", action="store_true",
+                       help="replace the run already in --out (only its known files are removed)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR",
                        help="continue RUN_DIR, killed or stopped, from its latest checkpoint with "
                             "its own config.json (takes no other training options)")
@@ -234,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every member sees the same batches (faster); by default each "
                             "shuffles with its own seed, as jaxnet train does")
     sweep.add_argument("--out", type=Path, metavar="DIR",
-                       help="sweep directory (default runs/sweep-DATASET-TIME)")
+                       help="sweep directory (default runs/sweep-DATASET-TIME); it must be "
+                            "missing or empty")
+    sweep.add_argument("--force", action="store_true",
+                       help="replace the sweep already in --out (only its known files are removed)")
     sweep.add_argument("--no-progress", dest="progress", action="store_false",
                        help=_HELP["progress"])
 
@@ -256,8 +263,6 @@ def _config_from(args) -> "RunConfig":
 def _new_run_dir(args, config) -> Path:
     """The run directory to write; ``train`` creates it once the data and model are ready."""
     out = args.out or Path("runs") / f"{config.dataset}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "config.json").exists():
-        raise UsageError(f"{out} already holds a run; choose another --out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: not a directory")
     return out
@@ -272,6 +277,17 @@ class _RemovedIfUnused:
         self.out, self.start_files = out, start_files
         self.created = [] if out is None else [p for p in (out, *out.parents) if not p.exists()]
         self.before = set() if out is None or not out.is_dir() else set(out.iterdir())
+
+    def rebase(self) -> None:
+        """Takes what ``out`` holds now as there before (once the lock is held and an old run
+        removed); a ``.lock`` this command made stays new."""
+        from jaxnet.app.rundir import LOCK_FILE
+
+        lock = self.out / LOCK_FILE
+        had_lock = lock in self.before
+        self.before = set(self.out.iterdir())
+        if not had_lock:
+            self.before.discard(lock)
 
     def __enter__(self):
         return self
@@ -307,12 +323,13 @@ def _given_options(args) -> list[str]:
 def cmd_train(args, console: Console) -> None:
     from jaxnet import data_parallel
     from jaxnet.app.run import read_config, train
+    from jaxnet.app.rundir import LOCK_FILE, RUN_FILES, RunLock, prepare_new, remove_leftovers
 
     # Before anything starts JAX's backends; a no-op without cluster flags or variables.
     data_parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     main_process = data_parallel.is_main_process()  # the one that writes and reports
     if args.resume is not None:
-        if given := _given_options(args):
+        if given := _given_options(args) + (["--force"] if args.force else []):
             raise UsageError(f"--resume continues {args.resume} with its own config.json; it takes "
                              f"no other training options (got {', '.join(given)})")
         out, (config, _) = args.resume, read_config(args.resume)
@@ -320,8 +337,16 @@ def cmd_train(args, console: Console) -> None:
         config = _config_from(args)
         out = _new_run_dir(args, config) if main_process else None
     start = time.perf_counter()
-    with _RemovedIfUnused(None if args.resume is not None else out,
-                          ("config.json", "metrics.jsonl")):
+    guard = _RemovedIfUnused(None if args.resume is not None else out,
+                             ("config.json", "metrics.jsonl", LOCK_FILE))
+    # Only the process that writes locks; held until the run ends (the OS drops it on a kill).
+    # On a refusal, the guard removes the .lock and directories this command made.
+    with RunLock(out) if out is not None and main_process else contextlib.nullcontext(), guard:
+        if out is not None and main_process:
+            if args.resume is None:
+                prepare_new(out, "run", args.force)
+                guard.rebase()
+            remove_leftovers(out, RUN_FILES)
         _, history, _, dataset = train(config, out, progress=args.progress,
                                        resume=args.resume is not None)
     if not main_process:
@@ -398,11 +423,13 @@ def cmd_predict(args, console: Console) -> None:
     from jaxnet.data import open_npy
     from jaxnet.inference import predict_to_file
     from jaxnet.app.run import read_run, run_preprocess
+    from jaxnet.app.rundir import remove_leftovers
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if not args.output.parent.is_dir():
         raise UsageError(f"--output {args.output}: directory {args.output.parent} does not exist")
+    _check_predict_output(args)
     config, record, net, params = read_run(args.run_dir)
     if config.dataset == "text":
         raise UsageError(f"{args.run_dir} is a language model (--dataset text); use jaxnet "
@@ -412,12 +439,32 @@ def cmd_predict(args, console: Console) -> None:
         preprocess = run_preprocess(record["data"], x.shape, x.dtype)
     except (ValueError, TypeError) as error:
         raise UsageError(f"--input {args.input}: {error}") from None
+    remove_leftovers(args.output.parent, [args.output.name])  # of a killed predict
     start = time.perf_counter()
     predict_to_file(net, params, x, args.output, batch_size=args.batch_size, proba=args.proba,
                     progress=args.progress, preprocess=preprocess, precision=config.precision)
     what = "probabilities" if args.proba else "logits"
     console.print(f"{args.output}: {what} of shape ({len(x)}, {record['data']['num_classes']}) "
                   f"for {args.input} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
+
+def _check_predict_output(args) -> None:
+    """``--output`` must not be ``--input`` (nor a link to it) nor lie in a run directory."""
+    import os
+
+    from jaxnet.app.rundir import is_inside_run
+
+    output, source = args.output, args.input
+    if output.is_dir():
+        raise UsageError(f"--output {output}: is a directory; give a .npy file name")
+    with contextlib.suppress(OSError):
+        a, b = os.stat(output), os.stat(source)
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            raise UsageError(f"--output {output} is the --input file {source}; writing it would "
+                             "destroy the inputs; choose another --output")
+    if (run := is_inside_run(output)) is not None:
+        raise UsageError(f"--output {output} lies inside the run directory {run}; write "
+                         "predictions outside run directories")
 
 
 def cmd_generate(args, console: Console) -> None:
@@ -448,16 +495,23 @@ def cmd_generate(args, console: Console) -> None:
 
 
 def cmd_sweep(args, console: Console) -> None:
+    from jaxnet.app.rundir import (LOCK_FILE, RUN_FILES, SWEEP_FILES, RunLock, prepare_new,
+                                   remove_leftovers)
     from jaxnet.app.sweep import GRID, format_settings, sweep, sweep_configs
 
     base = _config_from(args)
     grid = {name: getattr(args, f"grid_{name}") for name in GRID
             if getattr(args, f"grid_{name}") is not None}
     out = args.out or Path("runs") / f"sweep-{base.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "sweep.json").exists():
-        raise UsageError(f"{out} already holds a sweep; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: not a directory")
     sweep_configs(base, args.seeds, grid)  # bad values fail here, before any file is written
-    with _RemovedIfUnused(out, ("sweep.json", "metrics.jsonl")):
+    guard = _RemovedIfUnused(out, ("sweep.json", "metrics.jsonl", LOCK_FILE))
+    with RunLock(out), guard:  # on a refusal, the guard removes the .lock it made
+        prepare_new(out, "sweep", args.force)
+        guard.rebase()
+        remove_leftovers(out, SWEEP_FILES)
+        remove_leftovers(out / "best", RUN_FILES)
         results = sweep(base, args.seeds, grid, out, shared_order=args.shared_order,
                         progress=args.progress)
     rows = format_settings(results, tuple(grid) or ("lr",))  # the hyperparameters swept
@@ -505,7 +559,7 @@ _FLAGS = {"batch_size": "--batch-size", "batch-size": "--batch-size", "epochs": 
           "hidden": "--hidden", "hidden sizes": "--hidden sizes", "lr": "--lr",
           "learning_rate": "--lr", "weight_decay": "--weight-decay",
           "weight-decay": "--weight-decay", "drop_rate": "--drop-rate", "drop-rate": "--drop-rate",
-          "init_scale": "--init-scale", "init-scale": "--init-scale", "seeds": "--seeds",
+          "init_scale": "--init-scale", "seed": "--seed", "init-scale": "--init-scale", "seeds": "--seeds",
           "checkpoint-every": "--checkpoint-every", "keep-checkpoints": "--keep-checkpoints",
           "on_nan": "--on-nan", "on-nan": "--on-nan", "precision": "--precision",
           "devices": "--devices", "layers": "--layers", "heads": "--heads",
@@ -530,21 +584,58 @@ def _with_flag_names(message: str) -> str:
     return _FLAGS[match["name"]] + match["rest"]
 
 
+def _resource_message(error: BaseException, args) -> str | None:
+    """One line for a number too large, a structure too deep, or memory running out (XLA's
+    errors say RESOURCE_EXHAUSTED or Out of memory), naming the size flags given; None for
+    other errors."""
+    text = " ".join(str(error).split())
+    out_of_memory = isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and not isinstance(error, RecursionError)
+        and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text))
+    if isinstance(error, RuntimeError) and not isinstance(error, RecursionError) \
+            and not out_of_memory:
+        return None
+    given = [f"{flag} {_shown(getattr(args, name))}" for flag, name in
+             (("--hidden", "hidden"), ("--batch-size", "batch_size"), ("--seq-len", "seq_len"),
+              ("--seeds", "seeds"))
+             if getattr(args, name, None) is not None]
+    sizes = f" (with {', '.join(given)})" if given else ""
+    text = text[:300] + ("..." if len(text) > 300 else "")
+    if out_of_memory:
+        return f"out of memory{sizes}: {text or type(error).__name__}; try smaller sizes"
+    if isinstance(error, RecursionError):
+        return f"input nested too deeply{sizes}: {text}"
+    return f"a number is too large{sizes}: {text}"
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxnet`` command; returns the exit status."""
+    from jaxnet.app.rundir import DirectoryError
     from jaxnet.data import DataError
     from jaxnet.host_memory import keep_freed_host_memory
 
     keep_freed_host_memory()  # the command opts in (JAXNET_HOST_MALLOC=default opts out)
     # logs and pipes get whole lines; a terminal, lines wrapped at its width
     console = Console(soft_wrap=not sys.stdout.isatty())
+    args = None
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args, console)
-    except (UsageError, DataError, ValueError, TypeError, OSError, FloatingPointError) as error:
+    except (UsageError, DirectoryError, DataError, ValueError, TypeError, OSError,
+            FloatingPointError) as error:
         message = " ".join(str(error).split())
         if isinstance(error, (ValueError, TypeError)) and not isinstance(error, DataError):
             message = _with_flag_names(message)
+        print(f"jaxnet: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+    except (OverflowError, RecursionError, MemoryError, RuntimeError) as error:
+        message = _resource_message(error, args)
+        if message is None:
+            raise  # a bug: its traceback is wanted
         print(f"jaxnet: error: {message}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

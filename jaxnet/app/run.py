@@ -36,12 +36,14 @@ from jaxnet.losses import softmax_cross_entropy, token_cross_entropy
 from jaxnet.runs import (LANGUAGE_MODEL, MODELS, SEQUENCE_MODELS, build_model, load_run,
                          preprocess_for, read_record)
 from jaxnet.app.plots import plot_curves
+from jaxnet.app.rundir import strict_dumps
 from jaxnet.precision import TRAINING_PRECISIONS
 from jaxnet.tensorfile import atomic_write, save_params
 from jaxnet.train import ON_NAN, TrainState, fit, init_train_state
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop")
 SCHEDULES = ("constant", "cosine")
+MAX_WIDTH = 1 << 24  # the widest hidden layer a config may ask for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +93,13 @@ class RunConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}"),
             (all(isinstance(h, int) and h > 0 for h in self.hidden), f"hidden sizes must be positive integers, got {self.hidden}"),
+            # wider layers (gigabytes per input feature) only exhaust memory, after a long try
+            (all(h <= MAX_WIDTH for h in self.hidden if isinstance(h, int)), f"hidden sizes must be at most {MAX_WIDTH} (2**24), got {self.hidden}"),
             (isinstance(self.epochs, int) and self.epochs > 0, f"epochs must be a positive integer, got {self.epochs!r}"),
             (isinstance(self.batch_size, int) and self.batch_size > 0, f"batch-size must be a positive integer, got {self.batch_size!r}"),
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr!r}"),
-            (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay!r}"),
+            (self.weight_decay >= 0 and math.isfinite(self.weight_decay), f"weight-decay must be a finite number >= 0, got {self.weight_decay!r}"),
+            (_is_count(self.seed, -2**63) and self.seed < 2**63, f"seed must be an integer in [-2**63, 2**63), got {self.seed!r}"),
             (0 <= self.drop_rate < 1, f"drop-rate must be in [0, 1), got {self.drop_rate!r}"),
             (self.init_scale > 0 and math.isfinite(self.init_scale), f"init-scale must be a positive number, got {self.init_scale!r}"),
             (_is_count(self.checkpoint_every, 0), f"checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}"),
@@ -264,7 +269,7 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
             out_dir.mkdir(parents=True, exist_ok=True)
             write_config(out_dir, config, dataset, stats, mesh)
     if writes:
-        atomic_write(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+        atomic_write(out_dir / "metrics.jsonl", "".join(strict_dumps(r) + "\n" for r in history).encode())
         on_epoch = _run_writer(out_dir, config, history, language_model)
     try:
         state, new = fit(net, state, optimizer, (dataset.x_train, dataset.y_train),
@@ -303,7 +308,7 @@ def _run_writer(out_dir: Path, config: RunConfig, history: list[dict],
         record = with_bits_per_char(dict(record)) if language_model else record
         history.append(record)
         with metrics_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_dumps(record) + "\n")  # NaN/inf as null: strict JSON
         if config.checkpoint_every and record["epoch"] % config.checkpoint_every == 0:
             save_checkpoint(out_dir / "checkpoints", state, keep=config.keep_checkpoints,
                             metadata={"epoch": record["epoch"], "config": config.to_json(),
@@ -374,7 +379,7 @@ def write_config(out_dir: Path, config: RunConfig, dataset: datasets.Dataset,
     record = run_record(config, dataset, stats)
     if mesh is not None:  # where it ran: devices, processes, platform (not part of the recipe)
         record["mesh"] = data_parallel.describe(mesh)
-    atomic_write(out_dir / "config.json", json.dumps(record, indent=2).encode())
+    atomic_write(out_dir / "config.json", strict_dumps(record, indent=2).encode())
 
 
 def run_record(config: RunConfig, dataset: datasets.Dataset, stats: dict[str, float]) -> dict:

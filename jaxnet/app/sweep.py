@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from jaxnet.population import Ensemble, Population, best_member, fit_population,
 from jaxnet.app.run import (RunConfig, build_model, build_optimizer, data_record, load_data,
                             run_record, write_config)
 from jaxnet.app.plots import plot_population
+from jaxnet.app.rundir import strict_dumps
 from jaxnet.tensorfile import atomic_write, save_params
 from jaxnet.train import evaluate
 
@@ -62,6 +62,14 @@ def sweep_configs(base: RunConfig, seeds: int, grid: dict[str, tuple[float, ...]
 
 def _setting(config: RunConfig) -> tuple[float, ...]:
     return tuple(getattr(config, name) for name in GRID)
+
+
+def _appender(path):
+    """``on_epoch`` that appends each record to ``path`` as strict JSON (NaN/inf as null)."""
+    def on_epoch(record, _):
+        with path.open("a") as f:
+            f.write(strict_dumps(record) + "\n")
+    return on_epoch
 
 
 def sweep(base: RunConfig, seeds: int, grid: dict[str, tuple[float, ...]], out_dir: Path | None,
@@ -97,10 +105,7 @@ def sweep(base: RunConfig, seeds: int, grid: dict[str, tuple[float, ...]], out_d
         _write_sweep_record(out_dir, base, seeds, grid, configs, dataset, stats)
         metrics = out_dir / "metrics.jsonl"
         atomic_write(metrics, b"")
-
-        def on_epoch(record, _):
-            with metrics.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        on_epoch = _appender(metrics)
 
     start = time.perf_counter()
     population, history = fit_population(
@@ -167,7 +172,7 @@ def _write_sweep_record(out_dir: Path, base: RunConfig, seeds: int, grid, config
     record = run_record(base, dataset, stats)  # the base, data and versions, as a run has
     record.update(seeds=seeds, grid={k: list(v) for k, v in grid.items()},
                   members=[c.to_json() for c in configs])
-    atomic_write(out_dir / "sweep.json", json.dumps(record, indent=2).encode())
+    atomic_write(out_dir / "sweep.json", strict_dumps(record, indent=2).encode())
 
 
 def format_settings(results: dict[str, Any], axes: tuple[str, ...] = GRID) -> list[list[str]]:
@@ -188,7 +193,7 @@ def _markdown(rows: list[list[str]]) -> str:
 
 def _write_results(out_dir: Path, base: RunConfig, configs: list[RunConfig], history: list[dict],
                    results: dict, population: Population, dataset, stats) -> None:
-    atomic_write(out_dir / "results.json", json.dumps(results, indent=2).encode())
+    atomic_write(out_dir / "results.json", strict_dumps(results, indent=2).encode())
     best, ensemble = results["best"], results["ensemble"]
     member_rows = [["member", "seed", *GRID, "test accuracy", "test loss", "best epoch"]] + [
         [str(m["member"]), str(m["seed"]), *(f"{m[k]:g}" for k in GRID),
@@ -219,5 +224,5 @@ def _write_best(run_dir: Path, config: RunConfig, history: list[dict], index: in
     write_config(run_dir, config, dataset, stats)
     lines = [{k: v[index] if isinstance(v, list) else v for k, v in record.items()}
              for record in history]
-    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines).encode())
+    atomic_write(run_dir / "metrics.jsonl", "".join(strict_dumps(r) + "\n" for r in lines).encode())
     save_params(run_dir / "params.safetensors", population.member(index).params)

@@ -234,7 +234,10 @@ def _compiled_init(layer: Layer, treedef, leaves: tuple):
     """``key -> (params, state)`` for inputs of these shapes, compiled once: one program
     instead of an eager dispatch per weight."""
     spec = treedef.unflatten([jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
-    return jax.jit(lambda key: init_child(layer, layer._top_path(), key, spec)[:2])
+    def initialise(key):  # plain jax.jit: init may run inside another traced function
+        return init_child(layer, layer._top_path(), key, spec)[:2]
+
+    return jax.jit(initialise)
 
 
 def require_key(key: Array | None, layer: str = "this layer") -> Array:

@@ -9,7 +9,6 @@ such batch is skipped inside the compiled step.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,10 +23,10 @@ from jaxnet.losses import check_labels, check_per_example, softmax_cross_entropy
 from jaxnet.nn.layer import Layer, Params, State
 from jaxnet.progress import make_progress
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy, get_training_policy
-from jaxnet.metrics import absolute_error
 from jaxnet.train.engine import (EpochPlan, Metric, Sums, batch_sums, epoch_order,
                                  is_classification, run_epochs, scan_batches, take_rows)
-from jaxnet.train.state import ON_NAN, LossFn, TrainState, init_train_state, train_batch
+from jaxnet.train.setup import default_metrics, initial_state, output_spec, train_record
+from jaxnet.train.state import ON_NAN, LossFn, TrainState, train_batch
 from jaxnet.validate import positive_int
 
 
@@ -108,7 +107,15 @@ def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: 
 
     Returns:
       ``{"loss": float, ["accuracy": float,] **metrics}``: accuracy for classification.
+
+    A memory-mapped ``(x, y)`` or an iterable of ``(x, y)`` batches is streamed
+    (:func:`jaxnet.train.streaming.evaluate_streaming`).
     """
+    import jaxnet.train.streaming as streaming  # noqa: PLC0415 - kept with the dispatch
+    if streaming.is_streaming(data):
+        return streaming.evaluate_streaming(net, params, data, model_state=model_state, loss=loss,
+                                            batch_size=batch_size, precision=precision,
+                                            metrics=metrics)
     x, y = map(jnp.asarray, data)
     _check_data(net, params, x, y, "data")
     check_params(get_policy(precision), params, "evaluate")
@@ -118,26 +125,13 @@ def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: 
                              "the trained model_state (TrainState.model_state)")
         model_state = {}
     rows = min(batch_size, x.shape[0])
-    output = _output_spec(net, params, x)
+    output = output_spec(net, params, x)
     metrics = default_metrics(output, y) if metrics is None else metrics
     fn = xla_options.jit(make_evaluate(net, loss, x.shape[0], rows, precision=precision,
                                        metrics=metrics), forward_rows=rows)
     return fn(params, model_state, x, y).means(is_classification(output, y))
 
 
-def default_metrics(output: jax.ShapeDtypeStruct, y) -> dict[str, Metric]:
-    """The metrics reported when none are given, by task: none beyond accuracy for
-    classification (integer labels); the mean absolute error for regression (floating targets
-    shaped like the outputs); none otherwise (multi-label: the loss says it)."""
-    if not jnp.issubdtype(y.dtype, jnp.integer) and tuple(y.shape[1:]) == tuple(output.shape[1:]):
-        return {"mae": absolute_error}
-    return {}
-
-
-def _output_spec(net: Layer, params: Params, x) -> jax.ShapeDtypeStruct:
-    return jax.eval_shape(
-        lambda p, v: net.apply_with_state(p, _zero_state(net, p, v), v, batch_ndim=1)[0],
-        params, jax.ShapeDtypeStruct(x.shape, x.dtype))
 
 
 def _check_data(net: Layer, params: Params, x, y, what: str) -> None:
@@ -146,16 +140,10 @@ def _check_data(net: Layer, params: Params, x, y, what: str) -> None:
     if x.shape[0] == 0:
         raise ValueError(f"{what}: no examples")
     if jnp.issubdtype(y.dtype, jnp.integer):
-        out = _output_spec(net, params, x)
+        out = output_spec(net, params, x)
         if out.ndim == 2:
             check_labels(np.asarray(y), out.shape[-1], f"{what} labels")
 
-
-def _zero_state(net: Layer, params: Params, x) -> State:
-    """A state tree of the right shapes, for shape checks only."""
-    if not net.has_state:
-        return {}
-    return net.init_with_state(jax.random.key(0), jax.ShapeDtypeStruct(x.shape, x.dtype))[1]
 
 
 def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransformation,
@@ -230,7 +218,20 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
 
     Raises:
       FloatingPointError: the training loss became NaN or infinite (names the epoch and steps).
+
+    A memory-mapped ``train_data`` (``np.load(path, mmap_mode="r")``) or an iterable of
+    ``(x, y)`` batches is streamed to the device chunk by chunk
+    (:func:`jaxnet.train.streaming.fit_streaming`).
     """
+    import jaxnet.train.streaming as streaming  # noqa: PLC0415 - kept with the dispatch
+    if streaming.is_streaming(train_data):
+        return streaming.fit_streaming(
+            net, params, optimizer, train_data, epochs=epochs, batch_size=batch_size, loss=loss,
+            eval_data=eval_data, model_state=model_state, key=key,
+            eval_batch_size=eval_batch_size, progress=progress, progress_every=progress_every,
+            on_epoch=on_epoch, on_nan=on_nan, precision=precision, mesh=mesh,
+            num_examples=num_examples, metrics=metrics, validation_data=validation_data,
+            validation_split=validation_split, callbacks=callbacks)
     positive_int("fit", "epochs", epochs)
     positive_int("fit", "batch_size", batch_size)
     if on_nan not in ON_NAN:
@@ -246,8 +247,8 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
     if x.shape[0] or num_examples is None:  # a process's block may be empty (padding only)
         _check_data(net, params.params if isinstance(params, TrainState) else params, x, y,
                     "train_data")
-    state = _initial_state(net, optimizer, params, model_state, key, x)
-    output = _output_spec(net, state.params, x[:1])
+    state = initial_state(net, optimizer, params, model_state, key, x)
+    output = output_spec(net, state.params, x[:1])
     metrics = default_metrics(output, y) if metrics is None else metrics
     classification = is_classification(output, y)
     batch_size = min(batch_size, n)
@@ -281,21 +282,12 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
                          f"({plan.num_batches} steps per epoch); continue from an epoch boundary")
     return run_epochs(state, lambda state, epoch: compiled(state, x, y, epoch),
                       first_epoch=done, epochs=epochs, reporter=reporter,
-                      train_record=lambda sums, epoch: _train_record(sums, epoch, plan, on_nan,
+                      train_record=lambda sums, epoch: train_record(sums, epoch, plan.num_batches, on_nan,
                                                                      classification),
                       evaluate=lambda state: {k: v for run in evaluations for k, v in run(state).items()},
                       examples=n, compile_seconds=compile_seconds, on_epoch=on_epoch,
                       callbacks=callbacks)
 
-
-def _initial_state(net: Layer, optimizer, params, model_state, key, x) -> TrainState:
-    """The state ``fit`` starts from, in arrays of its own (the epochs donate them)."""
-    if isinstance(params, TrainState):
-        return jax.tree.map(jnp.copy, params)
-    if model_state is None and net.has_state:
-        model_state = net.init_with_state(
-            jax.random.key(0), jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))[1]
-    return init_train_state(net, optimizer, params, model_state=model_state, key=key)
 
 
 def _split_validation(x, y, validation_data, validation_split, mesh):
@@ -335,20 +327,3 @@ def _compile_evaluation(net, loss, prefix, eval_data, eval_batch_size, policy, m
         return {f"{prefix}_{name}": value for name, value in means.items()}
 
     return evaluate_state
-
-
-def _train_record(sums: Sums, epoch: int, plan: EpochPlan, on_nan: str,
-                  classification: bool) -> dict:
-    """The epoch's train metrics; raises ``FloatingPointError`` for a non-finite loss."""
-    train = sums.means(classification)  # waits for the epoch to finish
-    steps = f"steps {epoch * plan.num_batches + 1}-{(epoch + 1) * plan.num_batches}"
-    if not math.isfinite(train["loss"]):
-        raise FloatingPointError(f"fit: the training loss became {train['loss']} in epoch "
-                                 f"{epoch + 1} ({steps}); lower the learning rate?")
-    record = {f"train_{name}": value for name, value in train.items()}
-    if on_nan == "skip":
-        record["skipped_batches"] = int(sums.skipped)
-        if record["skipped_batches"] == plan.num_batches:
-            raise FloatingPointError(f"fit: the training loss was NaN or infinite in every "
-                                     f"batch of epoch {epoch + 1} ({steps}); all skipped")
-    return record
