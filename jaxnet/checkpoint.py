@@ -40,7 +40,8 @@ import safetensors.numpy
 
 from jaxnet._version import __version__
 from jaxnet.validate import positive_int
-from jaxnet.tensorfile import current_umask, atomic_write, fsync_directory, named_leaves
+from jaxnet.tensorfile import current_umask, atomic_write, fsync_directory
+from jaxnet.trees import differing_names, named_leaves
 
 FORMAT = "jaxnet-checkpoint"
 FORMAT_VERSION = 1
@@ -380,13 +381,12 @@ def _descriptions(leaves: dict[str, Any], impls: dict[str, str | None] | None = 
 
 def _compare(stored: dict[str, tuple], expected: dict[str, tuple]) -> RestoreReport:
     """Which of ``expected``'s leaves ``stored`` has, lacks, or has in another shape or dtype."""
-    common = [name for name in expected if name in stored]
+    missing, unexpected, mismatched = differing_names(expected, stored, lambda a, b: a == b)
     return RestoreReport(
-        restored=tuple(n for n in common if stored[n] == expected[n]),
-        missing=tuple(n for n in expected if n not in stored),
-        unexpected=tuple(n for n in stored if n not in expected),
+        restored=tuple(n for n in expected if n in stored and n not in mismatched),
+        missing=missing, unexpected=unexpected,
         mismatched=tuple(f"{n}: {_spec(stored[n])} in the checkpoint, {_spec(expected[n])} "
-                         "expected" for n in common if stored[n] != expected[n]))
+                         "expected" for n in mismatched))
 
 
 def _spec(description: tuple) -> str:

@@ -73,6 +73,15 @@ class TreeDifferences(NamedTuple):
         return "; ".join(p for p in parts if p)
 
 
+def differing_names(expected: dict, actual: dict, same) -> tuple[tuple[str, ...], ...]:
+    """``(missing, unexpected, mismatched)`` names of two ``{name: leaf}`` dicts, in order;
+    ``same(expected_leaf, actual_leaf)`` says whether two leaves of one name agree. The one
+    comparison that params checks and checkpoint restores share."""
+    return (tuple(n for n in expected if n not in actual),
+            tuple(n for n in actual if n not in expected),
+            tuple(n for n in expected if n in actual and not same(expected[n], actual[n])))
+
+
 def compare_trees(expected, actual, *, dtypes: bool = True) -> TreeDifferences:
     """Compares two trees' leaf names, shapes and (optionally) dtypes.
 
@@ -81,14 +90,17 @@ def compare_trees(expected, actual, *, dtypes: bool = True) -> TreeDifferences:
         ``jax.ShapeDtypeStruct``); a flat ``{dotted name: leaf}`` dict names its leaves alike.
     """
     expected, actual = leaves_by_name(expected), leaves_by_name(actual)
-    mismatched = []
-    for name in (n for n in expected if n in actual):
-        want, got = expected[name], actual[name]
+
+    def problem(want, got) -> str | None:
         shape, want_shape = tuple(np.shape(got)), tuple(want.shape)
         if shape != want_shape:
-            mismatched.append(f"{name} has shape {shape_str(shape)}, expected {shape_str(want_shape)}")
-        elif dtypes and getattr(got, "dtype", None) is not None and np.dtype(got.dtype) != np.dtype(want.dtype):
-            mismatched.append(f"{name} has dtype {got.dtype}, expected {want.dtype}")
-    return TreeDifferences(tuple(n for n in expected if n not in actual),
-                           tuple(n for n in actual if n not in expected), tuple(mismatched))
+            return f"has shape {shape_str(shape)}, expected {shape_str(want_shape)}"
+        if dtypes and getattr(got, "dtype", None) is not None and np.dtype(got.dtype) != np.dtype(want.dtype):
+            return f"has dtype {got.dtype}, expected {want.dtype}"
+        return None
+
+    missing, unexpected, mismatched = differing_names(
+        expected, actual, lambda want, got: problem(want, got) is None)
+    return TreeDifferences(missing, unexpected, tuple(
+        f"{name} {problem(expected[name], actual[name])}" for name in mismatched))
 
