@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet._version import __version__
-from jaxnet.nn.layer import Layer, Params, State, shape_str
+from jaxnet.nn.layer import Layer, Params, State, shape_str, state_or_empty
 from jaxnet.tensorfile import atomic_write
 
 FORMATS = ("stablehlo", "onnx")
@@ -72,11 +72,7 @@ def export(net: Layer, params: Params, example, *, model_state: State | None = N
     for path in (output, sidecar):
         if path.exists() and not force:
             raise FileExistsError(f"export: {path} exists; pass force=True (--force) to overwrite it")
-    if model_state is None:
-        if net.has_state:
-            raise ValueError("export: this network keeps state (e.g. BatchNorm statistics); pass "
-                             "the trained model_state")
-        model_state = {}
+    model_state = state_or_empty(net, model_state, "export")
     spec = _example_spec(example)
     fn = serving_function(net, params, model_state, preprocess=preprocess, proba=proba,
                           input_dtype=spec.dtype)

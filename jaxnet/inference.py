@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet._xla import options as xla_options
-from jaxnet.nn.layer import Layer, Params, State, shape_str
+from jaxnet.nn.layer import Layer, Params, State, shape_str, state_or_empty
 from jaxnet.nn.shapes import infer_example_ndim
 from jaxnet.validate import positive_int
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy
@@ -95,11 +95,7 @@ class _Plan:
         if len(x.shape) == 0:
             raise ValueError("predict: x must be (n, *example) inputs, got a scalar")
         positive_int("predict", "batch_size", batch_size)
-        if model_state is None:
-            if net.has_state:
-                raise ValueError("predict: this network keeps state (e.g. BatchNorm statistics); "
-                                 "pass the trained model_state")
-            model_state = {}
+        model_state = state_or_empty(net, model_state, "predict")
         self.x, self.n, self.preprocess = x, int(x.shape[0]), preprocess
         self.on_device = isinstance(x, jax.Array)
         self.chunk = chunk_size(self.n, int(batch_size))

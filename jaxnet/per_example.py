@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxnet.nn.layer import Layer, Params, State, check_key, shape_str
+from jaxnet.nn.layer import Layer, Params, State, check_key, shape_str, state_or_empty
 from jaxnet.nn.shapes import infer_example_ndim
 from jaxnet.losses import check_per_example, softmax_cross_entropy
 
@@ -44,11 +44,7 @@ def _jit_when_eager(static_argnames: tuple[str, ...] = ()):
 
 def _checked_state(what: str, net: Layer, params: Params, model_state: State | None, x, y) -> State:
     """Validates ``x`` (n, *example) against ``y`` (n, ...) and the network; returns the state."""
-    if model_state is None:
-        if net.has_state:
-            raise ValueError(f"{what}: this network keeps state (e.g. BatchNorm statistics); "
-                             "pass model_state")
-        model_state = {}
+    model_state = state_or_empty(net, model_state, what)
     if jnp.ndim(x) == 0 or jnp.ndim(y) == 0:
         raise ValueError(f"{what}: x and y need a leading example axis; got x of shape "
                          f"{shape_str(jnp.shape(x))} and y of shape {shape_str(jnp.shape(y))}")

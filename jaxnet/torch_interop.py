@@ -26,7 +26,7 @@ from jaxnet.nn.basic import Dense, Dropout, Flatten, Reshape
 from jaxnet.nn.calls import recording
 from jaxnet.nn.combinators import Named, Serial
 from jaxnet.nn.conv import AvgPool, Conv, MaxPool
-from jaxnet.nn.layer import Layer, Params, State, shape_str
+from jaxnet.nn.layer import Layer, Params, State, shape_str, state_or_empty
 from jaxnet.nn.norm import BatchNorm, LayerNorm
 from jaxnet.trees import named_leaves
 
@@ -195,11 +195,7 @@ def to_torch(net: Layer, params: Params, *, model_state: State | None = None, ex
     """
     import torch  # lazily: jaxnet imports without torch
 
-    if model_state is None:
-        if net.has_state:
-            raise ValueError("to_torch: this network keeps state (e.g. BatchNorm statistics); "
-                             "pass model_state")
-        model_state = {}
+    model_state = state_or_empty(net, model_state, "to_torch")
     dtype = jax.tree.leaves(params)[0].dtype if jax.tree.leaves(params) else jnp.float32
     rows = _leaf_rows(net, tuple(example_shape), dtype)
     module = _build(torch, net, "", rows, _modules(torch))

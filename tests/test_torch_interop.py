@@ -109,7 +109,7 @@ def test_a_stateful_network_needs_its_state(rng):
     pytest.importorskip("torch")
     net = jn.serial(jn.Dense(4), jn.BatchNorm())
     params = net.init_with_state(jax.random.key(0), (1, 3))[0]
-    with pytest.raises(ValueError, match="pass model_state"):
+    with pytest.raises(ValueError, match="pass the trained model_state"):
         jn.to_torch(net, params, example_shape=(3,))
 
 

@@ -240,6 +240,17 @@ def _compiled_init(layer: Layer, treedef, leaves: tuple):
     return jax.jit(initialise)
 
 
+def state_or_empty(net: Layer, model_state: State | None, where: str) -> State:
+    """``model_state``, or ``{}`` for a network without state; a ``ValueError`` naming
+    ``where`` when a network that keeps state (BatchNorm statistics) is given none."""
+    if model_state is not None:
+        return model_state
+    if net.has_state:
+        raise ValueError(f"{where}: this network keeps state (e.g. BatchNorm statistics); pass "
+                         "the trained model_state")
+    return {}
+
+
 def require_key(key: Array | None, layer: str = "this layer") -> Array:
     """``key``, or a ``ValueError`` saying that ``layer`` needs one in training mode."""
     if key is None:

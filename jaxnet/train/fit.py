@@ -20,7 +20,7 @@ import optax
 import jaxnet.data_parallel as parallel
 from jaxnet._xla import options as xla_options
 from jaxnet.losses import check_labels, check_per_example, softmax_cross_entropy
-from jaxnet.nn.layer import Layer, Params, State
+from jaxnet.nn.layer import Layer, Params, State, state_or_empty
 from jaxnet.progress import make_progress
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy, get_training_policy
 from jaxnet.train.engine import (EpochPlan, Metric, Sums, batch_sums, epoch_order,
@@ -119,11 +119,7 @@ def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: 
     x, y = map(jnp.asarray, data)
     _check_data(net, params, x, y, "data")
     check_params(get_policy(precision), params, "evaluate")
-    if model_state is None:
-        if net.has_state:
-            raise ValueError("evaluate: this network keeps state (e.g. BatchNorm statistics); pass "
-                             "the trained model_state (TrainState.model_state)")
-        model_state = {}
+    model_state = state_or_empty(net, model_state, "evaluate")
     rows = min(batch_size, x.shape[0])
     output = output_spec(net, params, x)
     metrics = default_metrics(output, y) if metrics is None else metrics

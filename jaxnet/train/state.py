@@ -16,7 +16,7 @@ import optax
 
 from jaxnet._xla import options as xla_options
 from jaxnet.losses import check_per_example, softmax_cross_entropy
-from jaxnet.nn.layer import Layer, Params, State
+from jaxnet.nn.layer import Layer, Params, State, state_or_empty
 from jaxnet.precision import Policy, apply_with_policy, get_training_policy
 from jaxnet.train.engine import Metric, Sums, batch_sums
 
@@ -55,11 +55,7 @@ def init_train_state(net: Layer, optimizer: optax.GradientTransformation, params
     ``params``, ``model_state`` and ``key`` are copied, so that a donating step never deletes
     arrays the caller still holds.
     """
-    if model_state is None:
-        if net.has_state:
-            raise ValueError("init_train_state: this network keeps state (e.g. BatchNorm): pass "
-                             "model_state from net.init_with_state(key, x)")
-        model_state = {}
+    model_state = state_or_empty(net, model_state, "init_train_state")
     # copies: the step donates them, the caller keeps theirs
     params, model_state = jax.tree.map(jnp.copy, (params, model_state))
     with jax.numpy_dtype_promotion("standard"):  # see train_batch

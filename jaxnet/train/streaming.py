@@ -32,7 +32,7 @@ import optax
 
 from jaxnet._xla import options as xla_options
 from jaxnet.losses import check_labels, check_per_example, softmax_cross_entropy
-from jaxnet.nn.layer import Layer, Params, State
+from jaxnet.nn.layer import Layer, Params, State, state_or_empty
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy, get_training_policy
 from jaxnet.progress import make_progress
 from jaxnet.train.chunks import (THREAD_NAME, ChunkQueue, IterableSource, MemmapSource,  # noqa: F401
@@ -326,11 +326,7 @@ def evaluate_streaming(net: Layer, params: Params, data, *, model_state: State |
       ``{"loss": float, ["accuracy": float,] **metrics}``.
     """
     check_params(get_policy(precision), params, "evaluate")
-    if model_state is None:
-        if net.has_state:
-            raise ValueError("evaluate: this network keeps state (e.g. BatchNorm statistics); pass "
-                             "the trained model_state (TrainState.model_state)")
-        model_state = {}
+    model_state = state_or_empty(net, model_state, "evaluate")
     source = _source(data, batch_size, chunk_steps, "none", "data")
     x1, y1 = source.example
     output = output_spec(net, params, x1)
