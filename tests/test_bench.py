@@ -250,8 +250,8 @@ def test_w6_and_w7_entries_have_every_field_and_name_every_variant(monkeypatch):
         entries[0]["median"] / tokens * TINY_LM.flops_per_step() / 1e9)
     assert entries[-1]["gflops"] == pytest.approx(
         entries[-1]["median"] * TINY_LSTM.flops_per_step() / 1e9)
-    assert logged[0] == f"{lm}: 1 rounds of 2 steps"
-    assert logged[-1] == f"{lstm}: 1 rounds of 5 steps"
+    rounds = [line for line in logged if "rounds of" in line]  # skip notes come when torch is absent
+    assert rounds == [f"{lm}: 1 rounds of 2 steps", f"{lstm}: 1 rounds of 5 steps"]
     if _has_torch():  # the compiled variant was turned off, with a note
         assert [(s["workload"], s["variant"], s["reason"]) for s in skipped] == [
             (lm, "pytorch torch.compile", "turned off (--no-torch-compile)")]
