@@ -63,8 +63,22 @@ def block_reference(params, x, mask=None, *, heads, kv_heads=None, causal=False,
 
 # ---- TransformerBlock -------------------------------------------------------------------------
 
+
+def assert_token_readings_agree(net, params, x, y, example):
+    """jit, vmap, one example and two batch axes give ``y`` for ``(6, time)`` token ids."""
+    @jax.jit
+    def variants(p, v):
+        return (net.apply(p, v), jax.vmap(net.apply, (None, 0))(p, v), net.apply(p, v[example]),
+                net.apply(p, v.reshape((2, 3) + v.shape[1:])))
+
+    jitted, mapped, one, two_axes = variants(params, x)
+    for other, expected in ((jitted, y), (mapped, y), (one, y[example]), (two_axes.reshape(y.shape), y)):
+        np.testing.assert_allclose(other, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("heads, kv_heads, causal, rotary, norm", [
     (2, None, False, False, "layer"), (4, 2, True, True, "rms"), (1, None, True, False, "rms")])
+
 def test_block_matches_numpy(rng, heads, kv_heads, causal, rotary, norm):
     net = jn.TransformerBlock(heads, causal=causal, num_kv_heads=kv_heads, rotary=rotary, norm=norm,
                               mlp_features=12)
@@ -246,14 +260,7 @@ def test_tied_language_model_runs_batched_jitted_mapped_and_one_example_at_a_tim
     params = net.init(jax.random.key(0), x)
     y = net.apply(params, x)
 
-    @jax.jit
-    def variants(p, v):
-        return (net.apply(p, v), jax.vmap(net.apply, (None, 0))(p, v), net.apply(p, v[2]),
-                net.apply(p, v.reshape(2, 3, 5)))
-
-    jitted, mapped, one, two_axes = variants(params, x)
-    for other, expected in ((jitted, y), (mapped, y), (one, y[2]), (two_axes.reshape(y.shape), y)):
-        np.testing.assert_allclose(other, expected, rtol=1e-5, atol=1e-5)
+    assert_token_readings_agree(net, params, x, y, example=2)
 
 
 def test_tied_embeddings_are_one_table_used_twice(rng):
@@ -364,14 +371,7 @@ def test_padded_classifier_runs_batched_jitted_mapped_and_one_example_at_a_time(
     y = net.apply(params, x)
     assert y.shape == (6, 3) and net.output_shape(x).shape == (6, 3)
 
-    @jax.jit
-    def variants(p, v):
-        return (net.apply(p, v), jax.vmap(net.apply, (None, 0))(p, v), net.apply(p, v[4]),
-                net.apply(p, v.reshape(2, 3, 7)))
-
-    jitted, mapped, one, two_axes = variants(params, x)
-    for other, expected in ((jitted, y), (mapped, y), (one, y[4]), (two_axes.reshape(y.shape), y)):
-        np.testing.assert_allclose(other, expected, rtol=1e-5, atol=1e-5)
+    assert_token_readings_agree(net, params, x, y, example=4)
 
 
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal", "rotary"])
