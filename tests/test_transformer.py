@@ -61,9 +61,6 @@ def block_reference(params, x, mask=None, *, heads, kv_heads=None, causal=False,
     return y if mask is None else np.where(np.asarray(mask)[..., None], y, x)
 
 
-# ---- TransformerBlock -------------------------------------------------------------------------
-
-
 def assert_token_readings_agree(net, params, x, y, example):
     """jit, vmap, one example and two batch axes give ``y`` for ``(6, time)`` token ids."""
     @jax.jit
@@ -76,9 +73,10 @@ def assert_token_readings_agree(net, params, x, y, example):
         np.testing.assert_allclose(other, expected, rtol=1e-5, atol=1e-5)
 
 
+# ---- TransformerBlock -------------------------------------------------------------------------
+
 @pytest.mark.parametrize("heads, kv_heads, causal, rotary, norm", [
     (2, None, False, False, "layer"), (4, 2, True, True, "rms"), (1, None, True, False, "rms")])
-
 def test_block_matches_numpy(rng, heads, kv_heads, causal, rotary, norm):
     net = jn.TransformerBlock(heads, causal=causal, num_kv_heads=kv_heads, rotary=rotary, norm=norm,
                               mlp_features=12)
