@@ -94,7 +94,7 @@ def test_empty_and_invalid_compositions():
         jn.serial()
     with pytest.raises(ValueError, match="parallel: needs at least one branch"):
         jn.parallel()
-    with pytest.raises(ValueError, match="parallel: fan_in must be 'concat' or 'sum', got 'mean'"):
+    with pytest.raises(ValueError, match="parallel: fan_in must be one of concat, sum, tuple; got 'mean'"):
         jn.parallel(jn.Dense(2), fan_in="mean")
     with pytest.raises(TypeError, match="expected a jaxnet layer or a function; got 3 of type int"):
         jn.serial(jn.Dense(2), 3)
@@ -128,7 +128,7 @@ def test_parallel_sum_matches_reference(key, rng):
 
 @pytest.mark.parametrize("net, shape, message", [
     (jn.serial(jn.Dense(2), jn.parallel(jn.Dense(3), jn.Dense(4), fan_in="sum")), (1, 5),
-     r"parallel_1: fan_in='sum' needs branch outputs of one shape; got dense_1 \(3,\), dense_2 \(4,\)"),
+     r"parallel_1: fan_in='sum' needs outputs of one shape; got dense_1 \(3,\), dense_2 \(4,\)"),
     (jn.parallel(jn.Dense(3), jn.named("wide", jn.Dense(4)), fan_in="sum"), (1, 5),
      r"parallel: fan_in='sum' .* got dense_1 \(3,\), wide \(4,\)"),
     (jn.serial(jn.parallel(jn.Flatten(), jn.Dense(3))), (1, 4, 5),

@@ -7,8 +7,8 @@ from jaxnet.nn.attention import MultiHeadAttention
 from jaxnet.nn.activations import (Activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid,
                                    silu, softmax, softplus, tanh)
 from jaxnet.nn.basic import Dense, Dropout, Embedding, Flatten, Reshape
-from jaxnet.nn.combinators import (Named, Parallel, Residual, Serial, named, parallel, residual,
-                                   serial)
+from jaxnet.nn.combinators import (Join, Named, Parallel, Residual, Route, Select, Serial, join,
+                                   named, parallel, residual, route, select, serial)
 from jaxnet.nn.conv import AvgPool, Conv, Conv1D, Conv2D, MaxPool
 from jaxnet.nn.global_pool import GlobalAvgPool, GlobalMaxPool
 from jaxnet.nn.layer import Layer, ShapeError, apply_child, init_child, split_keys
@@ -31,5 +31,5 @@ __all__ = [
     "Bidirectional", "GRU", "GRUCell", "LSTM", "LSTMCell", "Recurrent", "SimpleRNN", "SimpleRNNCell",
     "GroupNorm", "LearnedPositionalEmbedding", "MultiHeadAttention", "RMSNorm",
     "SinusoidalPositionalEncoding", "TransformerBlock", "TransformerClassifier", "TransformerLM",
-    "apply_rotary",
+    "apply_rotary", "Join", "Route", "Select", "join", "route", "select",
 ]
