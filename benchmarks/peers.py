@@ -6,7 +6,10 @@ beyond that: Flax NNX with an ``nnx.Optimizer`` and an ``nnx.jit`` train step; E
 ``eqx.filter_jit``; Haiku with ``hk.transform`` of ``hk.nets.MLP`` and a ``jax.jit`` update;
 PyTorch eager with ``torch.optim.Adam(fused=True)``, and ``torch.inference_mode`` for inference.
 All train with Adam (learning rate 1e-3) on softmax cross-entropy, float32, like the raw-JAX
-reference in ``benchmarks.workloads``.
+reference in ``benchmarks.workloads``. Next to jaxnet's bfloat16 variants (W1, W5), PyTorch also
+trains under ``torch.autocast("cpu", dtype=torch.bfloat16)``: the forward pass's matrix products
+and convolutions on bfloat16 operands, the backward pass outside the context as PyTorch
+recommends, float32 params and optimizer.
 
 The peers are optional (``pip install -e ".[peers]"``). A peer whose package is missing is
 skipped: the builders return no variant for it and add a note to ``skipped``.
@@ -14,6 +17,7 @@ skipped: the builders return no variant for it and add a note to ``skipped``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -152,23 +156,43 @@ def _torch_mlp(sizes):
     return torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-2], sizes[-1]))
 
 
-def torch_train_variant(model, x, y) -> Variant:
-    """PyTorch eager training of ``model`` on the NumPy-convertible batch ``x, y``, fused Adam."""
+def torch_train_variant(model, x, y, autocast: bool = False) -> Variant:
+    """PyTorch eager training of ``model`` on the NumPy-convertible batch ``x, y``, fused Adam;
+    with ``autocast``, the forward pass and loss under ``torch.autocast("cpu", bfloat16)``."""
+    import contextlib
+
     import torch
 
     optimizer = torch.optim.Adam(model.parameters(), 1e-3, fused=True)
     x, y = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y, np.int64))
+    forward = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if autocast
+               else contextlib.nullcontext)
 
     def step(_):
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with forward():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         optimizer.step()
 
-    return loop_variant(f"pytorch {torch.__version__} eager, fused adam", step, None)
+    mode = "autocast bf16" if autocast else "eager"
+    return loop_variant(f"pytorch {torch.__version__} {mode}, fused adam", step, None)
 
 
 def torch_train(sizes, x, y) -> Variant:
     return torch_train_variant(_torch_mlp(sizes), x, y)
+
+
+def torch_mlp_variants(workload: str, sizes, x, y, skipped: list[dict], *,
+                       eager: bool = True) -> list[Variant]:
+    """PyTorch on the MLP ``sizes``: eager float32 (unless ``eager=False``, when the peers
+    already run it) and ``torch.autocast`` bfloat16; one note in ``skipped`` without PyTorch."""
+    reason = missing_module("torch")
+    if reason is not None:
+        skipped.append({"workload": workload, "variant": "pytorch autocast", "reason": reason})
+        return []
+    return (([torch_train(sizes, x, y)] if eager else [])
+            + [torch_train_variant(_torch_mlp(sizes), x, y, autocast=True)])
 
 
 def torch_apply(sizes, x) -> Variant:
@@ -183,21 +207,27 @@ def torch_apply(sizes, x) -> Variant:
     return loop_variant(f"pytorch {torch.__version__} eager, inference_mode", forward, None)
 
 
-def torch_cnn_variants(batch: int) -> list[Variant]:
+def torch_cnn_variants(batch: int, bf16: bool = False) -> list[Variant]:
     """PyTorch eager (fused Adam) on W5's CNN (``benchmarks.workloads.cnn_variants``) at
-    ``batch``, when PyTorch is installed; no variant, and no note, when it is not."""
+    ``batch``, and with ``bf16`` the same under ``torch.autocast``, when PyTorch is installed;
+    no variant, and no note, when it is not."""
     try:
         import torch
     except ImportError:
         return []
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(3136, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    return [torch_train_variant(model, np.random.default_rng(0).standard_normal(
-        (batch, 1, 28, 28), np.float32), np.random.default_rng(1).integers(0, 10, batch))]
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(3136, 128), torch.nn.ReLU(),
+            torch.nn.Linear(128, 10))
+
+    x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), np.float32)
+    y = np.random.default_rng(1).integers(0, 10, batch)
+    return [torch_train_variant(model(), x, y, autocast=autocast)
+            for autocast in ((False, True) if bf16 else (False,))]
 
 
 # ---- building the variants, skipping missing packages ------------------------------------------

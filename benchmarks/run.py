@@ -9,6 +9,8 @@ in the same run (``benchmarks/harness.py``).
 ``main`` opts in to the host allocator setting first: ``jaxnet.keep_freed_host_memory()``.
 
 Workloads (``benchmarks/workloads.py``):
+  Matmul: the isolated float32 and bfloat16 x bfloat16 -> float32 products (2048^3 and W5's
+      conv2 as a 25088x288x64 product), the limits of float32 and bfloat16 training.
   W1: MLP 784-512-512-10, Adam, float32, batch 128 (and 1024): train steps per second.
   W2: MLP 64-32-10, batch 32: the same, all per-step overhead.
   W3: forward pass of the W1 MLP on 8192 inputs: samples per second.
@@ -23,6 +25,9 @@ Workloads (``benchmarks/workloads.py``):
   W7: LSTM 256 over 28 steps of 28 features, batch 128, Dense(10), Adam: train steps per second.
   W6 and W7 (``benchmarks/sequences.py``) run PyTorch eager when it is installed, W6 also
   ``torch.compile`` unless ``--no-torch-compile``.
+W1 (both batches) and W5 also train with bfloat16 products: jaxnet's ``precision="bf16"``, a
+raw-JAX step on bfloat16 operands with float32 accumulation, and PyTorch eager float32 and
+``torch.autocast`` bfloat16 when PyTorch is installed; their rows end in ``bf16``.
 The peer libraries (``benchmarks/peers.py``) run on W1 at batch 128, W2 and W3 when installed.
 """
 
@@ -52,15 +57,19 @@ from jaxnet.models import cnn
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def mlp_train_variants(sizes, batch, steps_per_call, skipped: list[dict] | None = None
-                   ) -> list[Variant]:
-    """``workloads.train_variants``, then, with ``skipped`` (a list that collects notes on missing
-    packages), the peer libraries' train steps on the same batch."""
+def mlp_train_variants(sizes, batch, steps_per_call, skipped: list[dict], *,
+                       with_peers: bool = True, bf16: bool = False) -> list[Variant]:
+    """``workloads.train_variants``, then with ``with_peers`` the peer libraries' train steps on
+    the same batch, and with ``bf16`` the bfloat16 variants (``workloads.mlp_bf16_variants``,
+    PyTorch eager and autocast); ``skipped`` collects notes on missing packages."""
+    name = workloads.workload_name(sizes, batch)
     variants = workloads.train_variants(sizes, batch, steps_per_call)
-    if skipped is not None:
-        x, y = workloads.mlp_batch(sizes, batch)
-        variants += peers.peer_train_variants(workloads.workload_name(sizes, batch), sizes, x, y,
-                                              skipped)
+    x, y = workloads.mlp_batch(sizes, batch)
+    if with_peers:
+        variants += peers.peer_train_variants(name, sizes, x, y, skipped)
+    if bf16:
+        variants += workloads.mlp_bf16_variants(sizes, batch, steps_per_call)
+        variants += peers.torch_mlp_variants(name, sizes, x, y, skipped, eager=not with_peers)
     return variants
 
 
@@ -80,15 +89,23 @@ def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print, *,
     rounds = 3 if quick else 7
     peak = matmul_rate()
     log(f"float32 matmul rate: {peak / 1e9:.1f} GFLOP/s")
-    w1, w2 = workloads.W1, workloads.W2
-    mlps = [(w1, 128, 20 if quick else 200, True), (w1, 1024, 5 if quick else 10, False),
-            (w2, 32, 200 if quick else 1000, True)]
     entries, skipped = [], []
-    for sizes, batch, steps, with_peers in mlps:
+    for m, k, n in workloads.MATMUL_SHAPES:
+        units = 3 if quick else 10
+        log(f"Matmul {m}x{k}x{n}: {rounds} rounds of {units} products")
+        variants = workloads.matmul_variants(m, k, n)
+        entries += summarise(f"Matmul {m}x{k}x{n}", variants, measure(variants, units, rounds),
+                             "products/s", 2 * m * k * n, peak)
+    w1, w2 = workloads.W1, workloads.W2
+    # (sizes, batch, steps, peers, bf16)
+    mlps = [(w1, 128, 20 if quick else 200, True, True),
+            (w1, 1024, 5 if quick else 10, False, True),
+            (w2, 32, 200 if quick else 1000, True, False)]
+    for sizes, batch, steps, with_peers, bf16 in mlps:
         name = workloads.workload_name(sizes, batch)
         log(f"{name}: {rounds} rounds of {steps} steps")
         noted = len(skipped)
-        variants = mlp_train_variants(sizes, batch, steps, skipped if with_peers else None)
+        variants = mlp_train_variants(sizes, batch, steps, skipped, with_peers=with_peers, bf16=bf16)
         _log_skipped(skipped, noted, log)
         rates = measure(variants, steps, rounds)
         entries += summarise(name, variants, rates, "steps/s",
@@ -96,7 +113,7 @@ def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print, *,
         if (sizes, batch) == (w1, 128):
             log(f"Compile {name}: time to the first finished step, {2 if quick else 3} times")
             entries += compile_entries(
-                name, variants, lambda: mlp_train_variants(sizes, batch, steps, []),
+                name, variants, lambda: mlp_train_variants(sizes, batch, steps, [], bf16=bf16),
                 2 if quick else 3)
 
     steps = 40 if quick else 200
@@ -116,7 +133,8 @@ def run_benchmarks(quick: bool = False, log: Callable[[str], None] = print, *,
 
     steps = 3 if quick else 10
     log(f"W5 CNN b128: {rounds} rounds of {steps} steps")
-    variants = workloads.cnn_variants(128, steps) + peers.torch_cnn_variants(128)
+    variants = (workloads.cnn_variants(128, steps, bf16=True)
+                + peers.torch_cnn_variants(128, bf16=True))
     entries += summarise("W5 CNN b128", variants, measure(variants, steps, rounds), "steps/s",
                          3 * 128 * workloads.CNN_FLOPS_PER_EXAMPLE, peak)
     log(f"W5 CNN forward on {n} inputs: {rounds} rounds")

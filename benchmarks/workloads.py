@@ -9,10 +9,16 @@ libraries' variants are in ``benchmarks.peers`` and W4's in ``benchmarks.populat
   W5: CNN conv3x3(32)-relu-maxpool2-conv3x3(64)-relu-maxpool2-dense(128)-relu-dense(10) on
       28x28x1, batch 128, Adam: train steps per second (raw JAX with ``lax`` convolutions and
       ``reduce_window`` max-pool as the reference), and the forward pass on 8192 inputs.
+
+W1 and W5 also train with bfloat16 products (:func:`bf16_variants`): jaxnet's ``"bf16"``
+precision policy, and a raw-JAX step whose products take bfloat16 operands and accumulate in
+float32 forward and backward (:func:`bf16_product`); :func:`matmul_variants` times the isolated
+float32 and bfloat16 x bfloat16 -> float32 products, the limits of both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -41,11 +47,38 @@ def raw_init(key, sizes):
             for k, m, n in zip(keys, sizes[:-1], sizes[1:])]
 
 
-def raw_apply(params, x):
+def plain_product(op, a, b):
+    """``op(a, b)``: the float32 reference's products, for ``product=`` arguments."""
+    return op(a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def bf16_product(op, a, b):
+    """``op(a, b, preferred_element_type=float32)`` on bfloat16 copies of ``a`` and ``b``, as a
+    careful user writes it: a custom VJP whose gradients are the float32 VJP of ``op`` at the
+    rounded operands and the rounded output gradient, the same numbers as bfloat16-operand
+    products accumulated in float32 (into which XLA:CPU turns them: it runs a bfloat16 dot with
+    a transposed operand, and every bfloat16 convolution, in float32)."""
+    return op(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _bf16_product_fwd(op, a, b):
+    return bf16_product(op, a, b), (a, b)
+
+
+def _bf16_product_bwd(op, residuals, g):
+    rounded = [v.astype(jnp.bfloat16).astype(v.dtype) for v in (*residuals, g)]
+    return jax.vjp(op, *rounded[:2])[1](rounded[2])
+
+
+bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)
+
+
+def raw_apply(params, x, product=plain_product):
     for w, b in params[:-1]:
-        x = jax.nn.relu(x @ w + b)
+        x = jax.nn.relu(product(jnp.matmul, x, w) + b)
     w, b = params[-1]
-    return x @ w + b
+    return product(jnp.matmul, x, w) + b
 
 
 def raw_update(optimizer, apply, params, opt_state, x, y):
@@ -123,29 +156,68 @@ def weights(sizes) -> int:
     return sum(m * n for m, n in zip(sizes[:-1], sizes[1:]))
 
 
-def jaxnet_train_variants(net, x, y, steps_per_call) -> list[Variant]:
-    """jaxnet's train step in a Python loop, and fit's epoch program over resident data."""
+def jaxnet_train_variants(net, x, y, steps_per_call, precision: str | None = None
+                          ) -> list[Variant]:
+    """jaxnet's train step in a Python loop, and fit's epoch program over resident data, with
+    the ``precision`` policy (its name ends the variants' names)."""
     key = jax.random.key(0)
     batch = x.shape[0]
     optimizer = optax.adam(1e-3)
     params = net.init(key, x[:1])
-    jn_step = make_train_step(net, optimizer)  # donates its state: the step gets a copy
-    step = loop_variant("jaxnet train step", lambda s: jn_step(s, x, y)[0],
+    suffix = "" if precision is None else f" {precision}"
+    # donates its state: the step gets a copy
+    jn_step = make_train_step(net, optimizer, precision=precision)
+    step = loop_variant(f"jaxnet train step{suffix}", lambda s: jn_step(s, x, y)[0],
                         init_train_state(net, optimizer, jax.tree.map(jnp.copy, params)))
 
     # fit's epoch program over a resident data set of steps_per_call batches
     xs = jnp.concatenate([x] * steps_per_call)
     ys = jnp.concatenate([y] * steps_per_call)
-    epoch_fn, _ = make_epoch(net, optimizer, softmax_cross_entropy, xs.shape[0], batch)
+    epoch_fn, _ = make_epoch(net, optimizer, softmax_cross_entropy, xs.shape[0], batch,
+                             precision=precision)
     epoch = xla_options.jit(epoch_fn, donate_argnums=0)  # as fit compiles it
 
     def run_epoch(s):  # s: (TrainState, epoch number)
         return epoch(s[0], xs, ys, jnp.int32(s[1]))[0], s[1] + 1
 
-    fit = loop_variant("jaxnet fit (device loop)", run_epoch,
+    fit = loop_variant(f"jaxnet fit (device loop){suffix}", run_epoch,
                        (init_train_state(net, optimizer, params), 0),
                        units_per_call=steps_per_call)
     return [step, fit]
+
+
+def bf16_variants(raw_apply_fn, raw_params, net, x, y, steps_per_call) -> list[Variant]:
+    """Training with bfloat16 products: the raw-JAX donated step on ``raw_apply_fn(params, x,
+    product=bf16_product)``, and jaxnet's step loop and fit's device loop under
+    ``precision="bf16"``."""
+    raw = raw_variant(functools.partial(raw_apply_fn, product=bf16_product), raw_params, x, y)
+    return ([dataclasses.replace(raw, name="raw-jax step (donated) bf16")]
+            + jaxnet_train_variants(net, x, y, steps_per_call, precision="bf16"))
+
+
+def mlp_bf16_variants(sizes, batch, steps_per_call) -> list[Variant]:
+    """:func:`bf16_variants` of the MLP on ``mlp_batch(sizes, batch)``."""
+    x, y = mlp_batch(sizes, batch)
+    return bf16_variants(raw_apply, raw_init(jax.random.key(0), sizes), mlp(sizes), x, y,
+                         steps_per_call)
+
+
+MATMUL_SHAPES = ((2048, 2048, 2048), (25088, 288, 64))  # square; W5's conv2 as a product
+
+
+def matmul_variants(m: int, k: int, n: int) -> list[Variant]:
+    """The isolated jitted product ``(m, k) @ (k, n)`` in float32 (the reference), and on
+    bfloat16 operands with a float32 result (``preferred_element_type``), the form of jaxnet's
+    ``"bf16"`` products: the limits of both. One unit is one product."""
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+    dot = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
+    return [_product_variant(f"jnp.dot {name}", dot, a.astype(dtype), b.astype(dtype))
+            for name, dtype in (("float32", jnp.float32), ("bf16 -> float32", jnp.bfloat16))]
+
+
+def _product_variant(name, dot, a, b) -> Variant:
+    return loop_variant(name, lambda _: dot(a, b), None)
 
 
 def inference_variants(raw_apply_fn, raw_params, net, x) -> list[Variant]:
@@ -169,25 +241,32 @@ def raw_cnn_init(key):
             "d2": (jax.random.normal(k[3], (128, 10)) * scale(128), jnp.zeros(10))}
 
 
-def raw_cnn_apply(params, x):
+_same_conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def raw_cnn_apply(params, x, product=plain_product):
     """The CNN written directly with ``lax``: what the issue's raw-JAX figures measured."""
     def conv(x, wb):
-        return jax.lax.conv_general_dilated(x, wb[0], (1, 1), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + wb[1]
+        return product(_same_conv, x, wb[0]) + wb[1]
 
     def pool(x):
         return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
     x = pool(jax.nn.relu(conv(x, params["c1"])))
     x = pool(jax.nn.relu(conv(x, params["c2"])))
-    x = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["d1"][0] + params["d1"][1])
-    return x @ params["d2"][0] + params["d2"][1]
+    x = jax.nn.relu(product(jnp.matmul, x.reshape(x.shape[0], -1), params["d1"][0]) + params["d1"][1])
+    return product(jnp.matmul, x, params["d2"][0]) + params["d2"][1]
 
 
-def cnn_variants(batch: int, steps_per_call: int) -> list[Variant]:
-    """The raw-JAX CNN step loop (the reference), jaxnet's step loop and fit's device loop."""
+def cnn_variants(batch: int, steps_per_call: int, bf16: bool = False) -> list[Variant]:
+    """The raw-JAX CNN step loop (the reference), jaxnet's step loop and fit's device loop;
+    with ``bf16``, then :func:`bf16_variants` of the same."""
     key = jax.random.key(0)
     x = jax.random.normal(key, (batch, 28, 28, 1), jnp.float32)
     y = jax.random.randint(key, (batch,), 0, 10)
-    return ([raw_variant(raw_cnn_apply, raw_cnn_init(key), x, y)]
-            + jaxnet_train_variants(cnn(10), x, y, steps_per_call))
+    variants = ([raw_variant(raw_cnn_apply, raw_cnn_init(key), x, y)]
+                + jaxnet_train_variants(cnn(10), x, y, steps_per_call))
+    if bf16:
+        variants += bf16_variants(raw_cnn_apply, raw_cnn_init(key), cnn(10), x, y, steps_per_call)
+    return variants

@@ -21,18 +21,23 @@ def train_record(config) -> dict:
     """Trains ``config`` (a ``jaxnet.app.run.RunConfig``) with the ``jaxnet train`` recipe.
 
     Returns:
-      ``{"config", "test_accuracy", "train_accuracy", "test_loss", "train_loss", "seconds",
-      "examples_per_second", "compile_seconds", "wall_seconds"}``; the lists have one entry per
-      epoch (``examples_per_second``: training only, evaluation excluded).
+      ``{"config", "num_params", "test_accuracy", "train_accuracy", "test_loss", "train_loss", "seconds",
+      "examples_per_second", "compile_seconds", "wall_seconds"}`` (for a language model
+      ``*_bits_per_char`` instead of the accuracies); the lists have one entry per epoch
+      (``examples_per_second``: training only, evaluation excluded).
     """
+    import jax
+
     from jaxnet.app.run import train
 
     start = time.perf_counter()
-    _, history, _, _ = train(config, out_dir=None, progress=False)
-    record = {"config": dataclasses.asdict(config)}
-    for key in ("test_accuracy", "train_accuracy", "test_loss", "train_loss", "seconds",
-                "examples_per_second"):
-        record[key] = [epoch[key] for epoch in history]
+    state, history, _, _ = train(config, out_dir=None, progress=False)
+    record = {"config": dataclasses.asdict(config),
+              "num_params": sum(int(np.size(leaf)) for leaf in jax.tree.leaves(state.params))}
+    for key in ("test_accuracy", "train_accuracy", "test_bits_per_char", "train_bits_per_char",
+                "test_loss", "train_loss", "seconds", "examples_per_second"):
+        if key in history[0]:
+            record[key] = [epoch[key] for epoch in history]
     record["compile_seconds"] = history[0]["compile_seconds"]
     record["wall_seconds"] = time.perf_counter() - start
     return record
@@ -67,6 +72,15 @@ def machine() -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared; load "
             f"average {load} at start), jax {jax.__version__} on {jax.default_backend()}")
+
+
+def commit() -> str:
+    """The repository's current commit (short hash), or ``"unknown"`` outside a git checkout."""
+    import subprocess
+
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parent, check=False)
+    return result.stdout.strip() or "unknown"
 
 
 def command() -> str:

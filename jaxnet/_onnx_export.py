@@ -13,6 +13,9 @@ A primitive that jax2onnx has no rule for is reported with the layer (kind and p
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
@@ -24,7 +27,8 @@ _CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_
 _POOLS = ("reduce_window_max", "reduce_window_min", "reduce_window_sum")
 
 
-def _jax2onnx():
+def import_jax2onnx():
+    """``(jax2onnx, its plugin_system)``; an ``ImportError`` naming the extra when missing."""
     try:
         import jax2onnx
         from jax2onnx.plugins import plugin_system
@@ -111,7 +115,7 @@ def _primitives(jaxpr, found: set) -> set:
 
 def check_convertible(fn, spec, net, params, model_state) -> None:
     """Raises ``NotImplementedError`` naming each layer that uses a primitive jax2onnx lacks."""
-    _, plugin_system = _jax2onnx()
+    _, plugin_system = import_jax2onnx()
     plugin_system.import_all_plugins()  # the registry fills as the plugins are imported
     known = set(plugin_system.PLUGIN_REGISTRY)
     missing = _primitives(jax.make_jaxpr(fn)(spec).jaxpr, set()) - known
@@ -140,9 +144,22 @@ def check_convertible(fn, spec, net, params, model_state) -> None:
 
 def onnx_bytes(fn, spec, net, params, model_state, output_name: str) -> bytes:
     """The serialized ONNX model of ``fn`` for inputs like ``spec``, with a dynamic batch axis."""
-    jax2onnx, _ = _jax2onnx()
+    jax2onnx, _ = import_jax2onnx()
     check_convertible(fn, spec, net, params, model_state)
-    model = jax2onnx.to_onnx(onnx_friendly(fn), [jax.ShapeDtypeStruct(
-        jax.export.symbolic_shape(", ".join(["batch", *map(str, spec.shape[1:])])), spec.dtype)],
-        model_name="jaxnet", input_names=["x"], output_names=[output_name])
-    return model.SerializeToString()
+    with _quiet("onnx_ir"):  # its warnings about value types it leaves untyped are not the user's
+        model = jax2onnx.to_onnx(onnx_friendly(fn), [jax.ShapeDtypeStruct(
+            jax.export.symbolic_shape(", ".join(["batch", *map(str, spec.shape[1:])])), spec.dtype)],
+            model_name="jaxnet", input_names=["x"], output_names=[output_name])
+        return model.SerializeToString()
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Only errors from the named logger inside the block."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -11,9 +11,11 @@ A checkpoint is a directory ``ckpt-<step>`` (``ckpt-000120``) inside a checkpoin
 
 It is written into a temporary directory, each file fsynced, the directory renamed to its final
 name and its parent fsynced: a ``ckpt-*`` directory either is complete or does not exist, and
-older checkpoints are deleted only after the new one is complete. Restoring checks everything
-(format, checksums, manifest against tensors, tensors against a template) and raises
-:class:`CheckpointError` naming the file and the problem. See ``docs/checkpoints.md``.
+older checkpoints are deleted only after the new one is complete; a non-finite state is never
+saved. Restoring checks everything (regular files, sizes before reading, format, checksums,
+the step against the directory's name, manifest against tensors, tensors against a template)
+and raises :class:`CheckpointError` naming the file and the problem. See
+``docs/checkpoints.md``.
 
 >>> path = save_checkpoint("run/checkpoints", state, metadata={"epoch": 3}, keep=3)
 >>> state, manifest = restore_checkpoint(latest_checkpoint("run/checkpoints"), template)
@@ -39,17 +41,21 @@ import safetensors
 import safetensors.numpy
 
 from jaxnet._version import __version__
+from jaxnet.run_manifest import (PARAMS_FILE, RunVerificationError, manifest_digest,
+                                 verify_run, warn_unverified)
 from jaxnet.validate import positive_int
-from jaxnet.tensorfile import current_umask, atomic_write, fsync_directory
+from jaxnet.tensorfile import (atomic_write, current_umask, fsync_directory, open_regular,
+                               read_regular, read_safetensors, unreadable_reason)
 from jaxnet.trees import differing_names, named_leaves
 
 FORMAT = "jaxnet-checkpoint"
 FORMAT_VERSION = 1
 TENSOR_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
-RUN_PARAMS_FILE = "params.safetensors"  # a finished run directory's params (jaxnet train)
+RUN_PARAMS_FILE = PARAMS_FILE  # a finished run directory's params (jaxnet train)
+MAX_MANIFEST_BYTES = 1 << 26  # manifests hold the run's history: far less than this
 _NAME = re.compile(r"ckpt-(\d+)")
-_MAX_LISTED = 8  # entries of each kind named in an architecture-mismatch message
+_MAX_LISTED = 8  # entries of each kind a message names (mismatched leaves, non-finite ones)
 
 
 class CheckpointError(ValueError):
@@ -91,7 +97,10 @@ def save_checkpoint(directory, state, *, metadata: dict[str, Any] | None = None,
       The new checkpoint's directory.
 
     Raises:
-      FileExistsError: a checkpoint of this step already exists.
+      FileExistsError: a checkpoint of this step already exists (or a ``ckpt-<step>`` entry
+        that is not a complete checkpoint: the message says so).
+      FloatingPointError: the state is not finite (see :func:`non_finite_leaves`); nothing is
+        written, so a checkpoint never holds a diverged state.
       OSError: the disk is full or another write error (the message names the checkpoint). No
         checkpoint is damaged and no partial one is left behind; whether the new one exists
         depends on how far the save got, and if it is listed it is complete.
@@ -101,8 +110,11 @@ def save_checkpoint(directory, state, *, metadata: dict[str, Any] | None = None,
         positive_int("save_checkpoint", "keep", keep)
     step = int(state.step)
     final = directory / f"ckpt-{step:06d}"
-    if final.exists():
+    if final.exists() or final.is_symlink():
+        if final not in list_checkpoints(directory):
+            raise FileExistsError(_incomplete_message(final))
         raise FileExistsError(f"{final}: a checkpoint of step {step} already exists")
+    check_finite(state, f"{final}: not written")
     tensors, leaves = _to_host(state)
     tensor_bytes = safetensors.numpy.save(tensors)
     manifest = {
@@ -114,7 +126,7 @@ def save_checkpoint(directory, state, *, metadata: dict[str, Any] | None = None,
                      "optax": optax.__version__, "safetensors": safetensors.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(directory)
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}.", suffix=".tmp"))
@@ -164,9 +176,32 @@ def _delete(checkpoint: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def _manifest_digest(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def non_finite_leaves(state) -> list[str]:
+    """The leaves of ``state`` (a ``TrainState`` or any pytree) that a checkpoint must not hold,
+    as ``"params.dense_1.w (NaN)"``: floating leaves with a NaN, or, outside an optimizer state
+    (a path through ``opt_state``), an infinity. An optimizer may hold an infinity on purpose
+    (optax's ``reduce_on_plateau`` starts its best value at inf); a NaN it never means to.
+
+    The tests run where the arrays are and one result comes back, so this costs a reduction per
+    leaf, not a copy of the state.
+    """
+    floating = [(name, leaf) for name, leaf in named_leaves(state)
+                if jnp.issubdtype(getattr(leaf, "dtype", np.dtype(type(leaf))), jnp.inexact)]
+    flags = jax.device_get([(jnp.isnan(leaf).any(), jnp.isinf(leaf).any())
+                            for _, leaf in floating])
+    found = []
+    for (name, _), (nan, inf) in zip(floating, flags):
+        if nan or (inf and "opt_state" not in name.split(".")):
+            found.append(f"{name} ({'NaN' if nan else 'inf'})")
+    return found
+
+
+def check_finite(state, what: str) -> None:
+    """Raises ``FloatingPointError`` starting with ``what`` when ``state`` holds leaves that
+    :func:`non_finite_leaves` names (the first few are listed)."""
+    found = non_finite_leaves(state)
+    if found:
+        raise FloatingPointError(f"{what}: the training state is not finite ({_listed(found)})")
 
 
 # --- finding ------------------------------------------------------------------------------------
@@ -191,6 +226,35 @@ def latest_checkpoint(directory) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def incomplete_checkpoints(directory) -> list[Path]:
+    """The ``ckpt-<number>`` entries of ``directory`` that are not complete checkpoints (no
+    regular ``manifest.json``), oldest step first. ``save_checkpoint`` never leaves one (it
+    renames a complete directory into place), so each is damage or a foreign file; it is never
+    listed, and it would block the save of its step."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    complete = set(list_checkpoints(directory))
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _NAME.fullmatch(p.name)) and p not in complete]
+    return [p for _, p in sorted(found)]
+
+
+def check_checkpoints(directory) -> None:
+    """Raises :class:`CheckpointError` naming the first ``ckpt-<number>`` entry of
+    ``directory`` that is not a complete checkpoint (see :func:`incomplete_checkpoints`):
+    resuming past it would end in "a checkpoint of step N already exists" at every try."""
+    if found := incomplete_checkpoints(directory):
+        others = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise CheckpointError(_incomplete_message(found[0]) + others)
+
+
+def _incomplete_message(path: Path) -> str:
+    return (f"{path}: not a complete checkpoint (no regular {MANIFEST_FILE}; jaxnet never "
+            "leaves one: it is damaged or was put there); remove it, as it blocks the save of "
+            "its step")
+
+
 # --- reading ------------------------------------------------------------------------------------
 
 
@@ -209,16 +273,23 @@ def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     path = Path(path)
     manifest_file = path / MANIFEST_FILE
     manifest = _read_manifest(manifest_file)
+    named = _NAME.fullmatch(path.name)
+    if named and int(named.group(1)) != manifest["step"]:
+        raise CheckpointError(f"{manifest_file}: step {manifest['step']}, but the directory "
+                              f"{path.name} is named for step {int(named.group(1))} (renamed or "
+                              "forged)")
     spec = manifest["tensor_file"]
     tensor_file = path / spec["name"]
-    try:
-        data = tensor_file.read_bytes()
-    except OSError as error:
-        raise CheckpointError(f"{tensor_file}: cannot read ({error.strerror or error})") from None
-    if len(data) != spec["bytes"]:
-        raise CheckpointError(f"{tensor_file}: {len(data)} bytes, the manifest says {spec['bytes']}"
-                              " (truncated or replaced)")
-    if hashlib.sha256(data).hexdigest() != spec["sha256"]:
+    try:  # a regular file of the recorded size, checked before anything is read
+        f, size = open_regular(tensor_file)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{tensor_file}: cannot read ({unreadable_reason(error)})") from None
+    with f:
+        if size != spec["bytes"]:
+            raise CheckpointError(f"{tensor_file}: {size} bytes, the manifest says "
+                                  f"{spec['bytes']} (truncated or replaced)")
+        data = f.read(size)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != spec["sha256"]:
         raise CheckpointError(f"{tensor_file}: SHA-256 does not match the manifest (the file is "
                               "damaged)")
     try:
@@ -231,17 +302,21 @@ def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
         report = _compare(stored, described)
         raise CheckpointError(f"{tensor_file}: the tensors disagree with {manifest_file}: "
                               f"{_describe_problems(report, 'the manifest')}")
+    if "step" in tensors and tensors["step"].shape == () and tensors["step"] != manifest["step"]:
+        raise CheckpointError(f"{tensor_file}: holds step {int(tensors['step'])}, "
+                              f"{manifest_file} says step {manifest['step']}")
     return {name: tensors[name] for name in described}, manifest  # in tree order
 
 
 def _read_manifest(manifest_file: Path) -> dict:
     try:
-        text = manifest_file.read_bytes()
+        text = read_regular(manifest_file, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise CheckpointError(f"{manifest_file}: missing; {manifest_file.parent} is not a "
                               "complete jaxnet checkpoint") from None
-    except OSError as error:
-        raise CheckpointError(f"{manifest_file}: cannot read ({error.strerror or error})") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{manifest_file}: cannot read ({unreadable_reason(error)})"
+                              ) from None
     try:
         manifest = json.loads(text)
     except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON; absurd nesting
@@ -257,7 +332,7 @@ def _read_manifest(manifest_file: Path) -> dict:
     require(_is_int(version) and version >= 1, f"bad format_version {version!r}")
     require(version <= FORMAT_VERSION, f"format version {version} is newer than this jaxnet reads "
                                        f"({FORMAT_VERSION}); upgrade jaxnet to restore it")
-    require(manifest.get("manifest_sha256") == _manifest_digest(manifest),
+    require(manifest.get("manifest_sha256") == manifest_digest(manifest),
             "SHA-256 does not match its contents (the file is damaged or was edited)")
     spec, leaves = manifest.get("tensor_file"), manifest.get("leaves")
     require(_is_int(manifest.get("step")) and manifest["step"] >= 0, "step must be an integer >= 0")
@@ -352,15 +427,29 @@ def restore_params(path, template, *, partial: bool = False):
 
 
 def _run_params(run_dir: Path) -> dict[str, np.ndarray]:
-    """The params of a finished run directory (``params.safetensors``), by dotted name."""
+    """The params of a finished run directory (``params.safetensors``), by dotted name, once
+    the run's manifest has verified them (:func:`jaxnet.run_manifest.verify_run`)."""
     params_file = run_dir / RUN_PARAMS_FILE
+    try:
+        manifest = verify_run(run_dir)
+    except RunVerificationError as error:
+        raise CheckpointError(str(error)) from None
     if not params_file.is_file():
         raise CheckpointError(f"{run_dir}: neither a checkpoint (no {MANIFEST_FILE}) nor a "
                               f"finished run directory (no {RUN_PARAMS_FILE})")
     try:
-        return safetensors.numpy.load_file(str(params_file))
-    except (OSError, safetensors.SafetensorError, ValueError, TypeError) as error:
+        data = read_safetensors(params_file)
+    except ValueError as error:  # names the file
+        raise CheckpointError(str(error)) from None
+    except OSError as error:
+        raise CheckpointError(f"{params_file}: cannot read ({unreadable_reason(error)})") from None
+    try:
+        tensors = safetensors.numpy.load(data)
+    except (safetensors.SafetensorError, ValueError, TypeError) as error:
         raise CheckpointError(f"{params_file}: not a readable safetensors file ({error})") from None
+    if manifest is None:
+        warn_unverified(run_dir)
+    return tensors
 
 
 def _descriptions(leaves: dict[str, Any], impls: dict[str, str | None] | None = None
@@ -394,14 +483,16 @@ def _spec(description: tuple) -> str:
     return f"{shape} {dtype}" + (" (PRNG key data)" if description[2:] and description[2] else "")
 
 
-def _describe_problems(report: RestoreReport, other: str) -> str:
-    def listed(names):
-        more = len(names) - _MAX_LISTED
-        return ", ".join(names[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+def _listed(names) -> str:
+    """The first few of ``names``, and how many more there are."""
+    more = len(names) - _MAX_LISTED
+    return ", ".join(names[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
 
-    parts = [f"missing {listed(report.missing)}" if report.missing else "",
-             f"unexpected {listed(report.unexpected)} (not in {other})" if report.unexpected else "",
-             f"mis-shaped {listed(report.mismatched)}" if report.mismatched else ""]
+
+def _describe_problems(report: RestoreReport, other: str) -> str:
+    parts = [f"missing {_listed(report.missing)}" if report.missing else "",
+             f"unexpected {_listed(report.unexpected)} (not in {other})" if report.unexpected else "",
+             f"mis-shaped {_listed(report.mismatched)}" if report.mismatched else ""]
     return "; ".join(p for p in parts if p)
 
 

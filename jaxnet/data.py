@@ -14,7 +14,6 @@ import contextlib
 import gzip
 import importlib.resources
 import math
-import os
 import struct
 import zipfile
 import zlib
@@ -24,8 +23,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxnet.tensorfile import open_regular
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("digits", "fashion-mnist", "mnist", "npz")
+TASKS = ("classification", "regression")  # what an .npz file's y arrays hold
 
 # IDX type codes (the MNIST files' format); multi-byte values are big-endian.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -39,6 +41,10 @@ _HOW_TO_GET = {
              "[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
              "t10k-labels-idx1-ubyte[.gz])",
 }
+# Deflate's largest expansion (258-byte matches coded in about 2 bits): a compressed stream of
+# n bytes decompresses to at most this many times n, so a header claiming more is false.
+MAX_DEFLATE_RATIO = 1032
+_CHUNK = 1 << 16  # bytes decompressed at a time to count, not keep
 # What a damaged or foreign file can make gzip, zipfile and np.load raise.
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error,
                 NotImplementedError, RuntimeError, OverflowError, MemoryError)
@@ -53,6 +59,8 @@ class Dataset(NamedTuple):
 
     Images are (n, height, width, 1) in [0, 1], channels-last, so an MLP (with Flatten) and a
     CNN both take them. Labels are in [0, num_classes), ``num_classes`` being the largest plus 1.
+    A regression set (``load_npz(..., task="regression")``) holds float32 targets ``(n,
+    outputs)`` instead, and ``num_classes`` is the number of outputs.
 
     Loaded with ``train_rows`` (a multi-process run: each process reads only its block of the
     training set), ``x_train`` and ``y_train`` hold only rows ``train_rows`` of the
@@ -146,11 +154,19 @@ def read_idx(path, rows: Rows | None = None) -> np.ndarray:
     The format is a magic number ``00 00 <type code> <ndim>``, ``ndim`` big-endian int32 sizes,
     then the values in C order.
 
-    With ``rows``, only those rows (along the first axis) are read. A raw file is checked from
-    its header and size alone, then read from ``header + start * row_bytes``: only the rows'
-    bytes. gzip cannot seek, so a gzipped file is decompressed as a stream: the bytes before
-    ``start`` are decompressed and discarded, none after ``stop`` are read (except that reading
-    up to the last row also checks that nothing follows it), and memory holds only the rows.
+    Only a regular file is read (a FIFO or a device is refused at once), and never more than
+    its header describes: a raw file is checked from its header and size alone before its
+    values are read; a gzipped one is decompressed as a stream, into memory only as far as
+    the header describes, and refused when more data follows (a gzip bomb behind an
+    honest-looking header costs no more memory than the header says). A header claiming more
+    than the compressed size can hold (``MAX_DEFLATE_RATIO`` times) is refused as truncated,
+    what there is being decompressed only to be counted.
+
+    With ``rows``, only those rows (along the first axis) are read. A raw file is read from
+    ``header + start * row_bytes``: only the rows' bytes. gzip cannot seek, so for a gzipped
+    file the bytes before ``start`` are decompressed and discarded, none after ``stop`` are
+    read (except that reading up to the last row also checks that nothing follows it), and
+    memory holds only the rows.
 
     Args:
       path: the file.
@@ -163,25 +179,13 @@ def read_idx(path, rows: Rows | None = None) -> np.ndarray:
       0x09, 0x0B, 0x0C, 0x0D, 0x0E).
 
     Raises:
-      DataError: an unreadable file or corrupt gzip, a wrong magic number or type code, no
-        dimensions, or fewer or more data bytes than the sizes say (with ``rows`` and gzip:
-        found when reading reaches them).
+      DataError: an unreadable file, not a regular file, corrupt gzip, a wrong magic number or
+        type code, no dimensions, or fewer or more data bytes than the sizes say (with ``rows``
+        and gzip: found when reading reaches them).
       IndexError, TypeError: ``rows`` is not a contiguous slice within the file's rows.
     """
     where = Path(path).absolute()
-    if rows is not None:
-        return _read_idx_rows(where, rows)[0]
-    try:  # gzip is recognised by its magic bytes, whatever the file's name
-        raw = where.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except _READ_ERRORS as e:
-        raise DataError(f"{where}: cannot read: {type(e).__name__}: {e}") from e
-    shape, dtype, header = _idx_header(where, raw)
-    expected = header + dtype.itemsize * math.prod(shape)
-    if len(raw) != expected:
-        raise _idx_size_error(where, shape, dtype, expected, len(raw))
-    return np.frombuffer(raw, dtype, offset=header).astype(dtype.newbyteorder("=")).reshape(shape)
+    return _read_idx_rows(where, slice(None) if rows is None else rows)[0]
 
 
 def _idx_header(where: Path, raw: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -205,16 +209,19 @@ def _idx_header(where: Path, raw: bytes) -> tuple[tuple[int, ...], np.dtype, int
     return shape, np.dtype(_IDX_DTYPES[code]), header
 
 
-def _idx_size_error(where: Path, shape, dtype: np.dtype, expected: int, size: int) -> DataError:
-    problem = "truncated" if size < expected else "trailing bytes"
+def _idx_size_error(where: Path, shape, dtype: np.dtype, expected: int, size: int | str
+                    ) -> DataError:
+    problem = "truncated" if isinstance(size, int) and size < expected else "trailing bytes"
     return DataError(f"{where}: {problem}: shape {shape} of {dtype.newbyteorder('=')} needs "
                      f"{expected} bytes, the file has {size}")
 
 
 def _read_idx_rows(where: Path, rows: Rows) -> tuple[np.ndarray, tuple[int, ...]]:
     """Rows ``rows`` of an IDX file, and the file's whole shape (see :func:`read_idx`)."""
-    with _reading(where), where.open("rb") as f, contextlib.ExitStack() as closing:
-        gz = f.read(2) == b"\x1f\x8b"
+    with _reading(where), contextlib.ExitStack() as closing:
+        f, size = _open_data_file(where)
+        closing.enter_context(f)
+        gz = f.read(2) == b"\x1f\x8b"  # gzip is recognised by its magic bytes, not its name
         f.seek(0)
         stream = closing.enter_context(gzip.GzipFile(fileobj=f, mode="rb")) if gz else f
         head = stream.read(4)
@@ -223,24 +230,39 @@ def _read_idx_rows(where: Path, rows: Rows) -> tuple[np.ndarray, tuple[int, ...]
         shape, dtype, header = _idx_header(where, head)
         row_bytes = dtype.itemsize * math.prod(shape[1:])
         expected = header + row_bytes * shape[0]
-        if not gz and (size := os.fstat(f.fileno()).st_size) != expected:  # checks the whole file
+        if not gz and size != expected:  # checks the whole file
             raise _idx_size_error(where, shape, dtype, expected, size)
-        if max(expected, row_bytes) > np.iinfo(np.intp).max:  # (a gzipped file's only check)
+        if gz and expected > MAX_DEFLATE_RATIO * size:  # cannot be there: count what is
+            while stream.read(_CHUNK):  # at most MAX_DEFLATE_RATIO * size, none of it kept
+                pass
+            raise _idx_size_error(where, shape, dtype, expected, stream.tell())
+        if max(expected, row_bytes) > np.iinfo(np.intp).max:
             raise DataError(f"{where}: shape {shape} of {dtype.newbyteorder('=')} needs more "
                             "bytes than an array can hold")
         rows = _resolve_rows(rows, shape[0], where)
         wanted = (rows.stop - rows.start) * row_bytes
-        payload = bytearray()
-        if wanted:
+        payload, to_the_end = bytearray(), gz and rows.stop == shape[0]
+        if wanted or to_the_end:
             stream.seek(header + rows.start * row_bytes)  # gzip: decompresses, and discards
             payload = _read_exactly(stream, wanted)
         if len(payload) < wanted:  # a gzipped file whose data ends early (a raw one that shrank)
             raise _idx_size_error(where, shape, dtype, expected, stream.tell())
-        if gz and wanted and rows.stop == shape[0] and stream.read(1):  # checks the CRC too
-            raise DataError(f"{where}: trailing bytes: shape {shape} of "
-                            f"{dtype.newbyteorder('=')} needs {expected} bytes, the file has more")
+        # up to the last row: nothing may follow (a gzip bomb behind an honest header); reading
+        # to the end checks the CRC too. Only a bounded excess is read, to say how much.
+        if to_the_end and (extra := len(stream.read(_CHUNK + 1))):
+            found = expected + extra if extra <= _CHUNK else f"more than {expected + _CHUNK}"
+            raise _idx_size_error(where, shape, dtype, expected, found)
     array = np.frombuffer(payload, dtype).astype(dtype.newbyteorder("="), copy=False)
     return array.reshape(rows.stop - rows.start, *shape[1:]), shape
+
+
+def _open_data_file(where: Path):
+    """``(open file, size)`` of a data file, refused at once (``DataError``) unless it is a
+    regular file: a FIFO would block, a device such as ``/dev/zero`` never end."""
+    try:
+        return open_regular(where)
+    except ValueError as error:  # names the file and what it is
+        raise DataError(str(error)) from None
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -341,9 +363,10 @@ def _open_npz(f, where, keys: tuple[str, ...]):
 def _read_npz(path, where, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Reads ``keys`` from an .npz file (a Path or a package resource) without unpickling.
     Every failure becomes a DataError. We open the file ourselves so that it is closed even
-    when np.load fails half-way through a damaged archive."""
+    when np.load fails half-way through a damaged archive (and refuse a FIFO or a device
+    at once: zipfile decompresses no member beyond the size the archive declares for it)."""
     try:
-        with path.open("rb") as f:
+        with _open_data_file(path)[0] if isinstance(path, Path) else path.open("rb") as f:
             archive = _open_npz(f, where, keys)
             return {k: archive[k] for k in keys}  # members are decompressed (and checked) here
     except _READ_ERRORS as e:
@@ -384,12 +407,17 @@ def load_digits(train_rows: Rows | None = None) -> Dataset:
                             train_rows=rows, train_examples=len(dataset.x_train))
 
 
-def load_npz(path, train_rows: Rows | None = None) -> Dataset:
+def load_npz(path, train_rows: Rows | None = None, *, task: str = "classification") -> Dataset:
     """Loads a user's .npz file with arrays ``x_train, y_train, x_test, y_test``.
 
     The file is read with ``allow_pickle=False``; its stem becomes ``Dataset.name``. The example
     shape is kept as given (no channel axis is added). uint8 inputs are scaled by 1/255; other
     numeric inputs are cast to float32 as they are.
+
+    ``task="regression"``: ``y_train`` and ``y_test`` are numeric targets, ``(n,)`` or
+    ``(n, outputs)``, finite, returned as float32 ``(n, outputs)`` (``(n, 1)`` for ``(n,)``),
+    and ``num_classes`` is the number of outputs. The whole training set is read (no
+    ``train_rows``).
 
     With ``train_rows`` (a slice, or a function of the training set's size giving one), only
     those rows of ``x_train`` and ``y_train`` are read; the test arrays are read whole. Shapes,
@@ -401,15 +429,25 @@ def load_npz(path, train_rows: Rows | None = None) -> Dataset:
     CRCs are checked only when a member is read to its end.
 
     Returns:
-      A :class:`Dataset`: x (n, *example) float32, y (n,) int32.
+      A :class:`Dataset`: x (n, *example) float32, y (n,) int32 (regression: (n, outputs)
+      float32).
 
     Raises:
       DataError: an unreadable or non-.npz file, a missing or object array, x not numeric or not
-        finite, labels not 1-D non-negative integers, counts 0 or unequal, or example shapes differ.
+        finite, labels not 1-D non-negative integers (regression: targets not numeric, not
+        finite, or of different shapes), counts 0 or unequal, example shapes differ, or an
+        unknown ``task``.
       IndexError, TypeError: ``train_rows`` is not a contiguous slice within the training set.
     """
     where = Path(path).absolute()
     keys = ("x_train", "y_train", "x_test", "y_test")
+    if task not in TASKS:
+        raise DataError(f"{where}: task must be one of {', '.join(TASKS)}; got {task!r}")
+    if task == "regression":
+        if train_rows is not None:
+            raise DataError(f"{where}: task regression reads the whole training set (one "
+                            "process); train_rows is for classification sets")
+        return _regression_set(where, Path(path).stem, _read_npz(where, where, keys))
     rows = n_train = None
     if train_rows is None:
         a = _read_npz(where, where, keys)
@@ -425,8 +463,10 @@ def load_npz(path, train_rows: Rows | None = None) -> Dataset:
         if not np.isfinite(x).all():
             raise DataError(f"{where}: x_{split} has NaN or infinite values (in float32)")
         if y.dtype.kind not in "ui" or y.ndim != 1:
-            raise DataError(f"{where}: y_{split} must be a 1-D integer array of labels, got "
-                            f"shape {y.shape} of {y.dtype}")
+            raise DataError(f"{where}: y_{split} must be a 1-D integer array of class labels, "
+                            f"got shape {y.shape} of {y.dtype}" + (
+                                " (regression targets need task regression)"
+                                if y.dtype.kind in "uif" else ""))
         if len(x) != len(y) or len(y) == 0 and not (rows is not None and split == "train"):
             raise DataError(f"{where}: x_{split} has {len(x)} examples but y_{split} has {len(y)}"
                             " labels; expected the same number, at least 1")
@@ -440,12 +480,41 @@ def load_npz(path, train_rows: Rows | None = None) -> Dataset:
                     rows, n_train, where)
 
 
+def _regression_set(where: Path, name: str, a: dict[str, np.ndarray]) -> Dataset:
+    """A :class:`Dataset` of regression targets from ``load_npz``'s arrays (see there)."""
+    for split in ("train", "test"):
+        x, y = a["x_" + split], a["y_" + split]
+        if x.dtype.kind not in "uif" or x.ndim == 0:
+            raise DataError(f"{where}: x_{split} must be a numeric (integer or float) array "
+                            f"with a leading example axis, got shape {x.shape} of {x.dtype}")
+        if y.dtype.kind not in "uif" or y.ndim not in (1, 2):
+            raise DataError(f"{where}: y_{split} must hold numeric regression targets of shape "
+                            f"(n,) or (n, outputs), got shape {y.shape} of {y.dtype}")
+        if len(x) != len(y) or len(y) == 0:
+            raise DataError(f"{where}: x_{split} has {len(x)} examples but y_{split} has {len(y)}"
+                            " targets; expected the same number, at least 1")
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, caught next
+            a["x_" + split] = x = _to_float32(x)
+            a["y_" + split] = y = y.astype(np.float32).reshape(len(y), -1)
+        for what, values in (("x", x), ("y", y)):
+            if not np.isfinite(values).all():
+                raise DataError(f"{where}: {what}_{split} has NaN or infinite values (in float32)")
+    if a["x_train"].shape[1:] != a["x_test"].shape[1:]:
+        raise DataError(f"{where}: x_train examples have shape {a['x_train'].shape[1:]} but "
+                        f"x_test examples {a['x_test'].shape[1:]}")
+    if a["y_train"].shape[1] != a["y_test"].shape[1]:
+        raise DataError(f"{where}: y_train has {a['y_train'].shape[1]} targets per example but "
+                        f"y_test {a['y_test'].shape[1]}")
+    return Dataset(a["x_train"], a["y_train"], a["x_test"], a["y_test"], a["y_train"].shape[1],
+                   name)
+
+
 def _read_npz_rows(where: Path, keys: tuple[str, ...], train_rows: Rows
                    ) -> tuple[dict[str, np.ndarray], slice, int]:
     """``x_train`` and ``y_train``: only rows ``train_rows``; the other keys whole; also the
     slice and the training set's size. Headers are checked (as :func:`load_npz` checks the
     arrays) before any row is read."""
-    with _reading(where, "read as .npz"), where.open("rb") as f:
+    with _reading(where, "read as .npz"), _open_data_file(where)[0] as f:
         archive = _open_npz(f, where, keys)
         members = {k: _npy_member(archive.zip, k) for k in ("x_train", "y_train")}
         (x_shape, x_dtype), (y_shape, y_dtype) = ((m.shape, m.dtype) for m in members.values())
@@ -528,11 +597,14 @@ def _read_member_rows(f, archive: zipfile.ZipFile, member: _NpyMember, rows: sli
     return array.reshape(rows.stop - rows.start, *shape[1:])
 
 
-def load_dataset(name: str, data_dir=None, path=None, train_rows: Rows | None = None) -> Dataset:
+def load_dataset(name: str, data_dir=None, path=None, train_rows: Rows | None = None, *,
+                 task: str = "classification") -> Dataset:
     """Loads a data set by name, one of :data:`DATASETS`. ``data_dir`` is for fashion-mnist
     (optional) and mnist (required), ``path`` for npz (required); with ``train_rows`` (a slice
     or a function of the training set's size giving one) only those training rows are read.
-    Raises DataError for an unknown name or a missing or unused argument."""
+    ``task="regression"`` is for npz (:func:`load_npz`); the others are classification sets.
+    Raises DataError for an unknown name, a missing or unused argument, or a task the set has
+    not."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     takes = {"fashion-mnist": "data_dir", "mnist": "data_dir", "npz": "path"}.get(name)
@@ -542,10 +614,13 @@ def load_dataset(name: str, data_dir=None, path=None, train_rows: Rows | None = 
     if name == "npz" and path is None:
         raise DataError("npz: no path given; pass an .npz file with x_train, y_train, x_test, "
                         "y_test")
+    if task != "classification" and name != "npz":
+        raise DataError(f"{name}: a classification data set; task {task!r} needs your own npz "
+                        "file (x_train, y_train, x_test, y_test)")
     loaders = {"digits": lambda: load_digits(train_rows),
                "fashion-mnist": lambda: load_fashion_mnist(data_dir, train_rows),
                "mnist": lambda: load_mnist(data_dir, train_rows),
-               "npz": lambda: load_npz(path, train_rows)}
+               "npz": lambda: load_npz(path, train_rows, task=task)}
     return loaders[name]()
 
 
@@ -582,16 +657,18 @@ def open_npy(path) -> np.ndarray:
     it is used), never unpickled.
 
     Raises:
-      DataError: the file is missing, unreadable, not a ``.npy`` array (an ``.npz`` archive, a
-        pickle) or holds objects; the message names the file.
+      DataError: the file is missing, unreadable, not a regular file (a FIFO, a device), not a
+        ``.npy`` array (an ``.npz`` archive, a pickle) or holds objects; the message names it.
     """
     where = Path(path).absolute()
     try:
-        with where.open("rb") as f:
+        with _open_data_file(where)[0] as f:  # a FIFO or a device is refused, not waited on
             magic = f.read(6)
         if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":  # np.load would try pickle
             raise ValueError(f"it starts with {magic!r}, not the .npy magic b'\\x93NUMPY'")
         x = np.load(where, mmap_mode="r", allow_pickle=False)
+    except DataError:
+        raise
     except (OSError, ValueError, EOFError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise DataError(f"{where}: cannot read as a .npy array: {reason}") from None

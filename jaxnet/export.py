@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxnet._version import __version__
 from jaxnet.nn.layer import Layer, Params, State, shape_str, state_or_empty
+from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy
 from jaxnet.tensorfile import atomic_write
 
 FORMATS = ("stablehlo", "onnx")
@@ -33,7 +34,8 @@ PLATFORMS = ("cpu", "cuda")
 
 def export(net: Layer, params: Params, example, *, model_state: State | None = None,
            format: str = "stablehlo", output, preprocess=None, proba: bool = False,
-           force: bool = False) -> Path:
+           force: bool = False, precision: str | Policy | None = None,
+           metadata: dict | None = None, output_name: str | None = None) -> Path:
     """Writes ``net`` with its params as a self-contained program, and a JSON sidecar.
 
     Args:
@@ -50,6 +52,12 @@ def export(net: Layer, params: Params, example, *, model_state: State | None = N
         params' dtype), or a pure ``jnp`` function of the batch.
       proba: output the softmax probabilities instead of logits.
       force: overwrite an existing ``output`` (and sidecar).
+      precision: the forward pass's policy, as for :func:`jaxnet.predict` (``"bf16"``:
+        bfloat16 compute, float32 outputs); ``None``: the params' dtype.
+      output_name: the output's name (default ``"probabilities"`` with ``proba``, else
+        ``"logits"``; ``jaxnet export`` names a regression run's ``"predictions"``).
+      metadata: more JSON values for the sidecar (``jaxnet export`` adds the run's model, data
+        set and, for text, vocabulary); they cannot replace its own entries.
 
     Shapes:
       The exported program maps ``x: (batch, *example)`` of ``example``'s dtype to
@@ -59,7 +67,8 @@ def export(net: Layer, params: Params, example, *, model_state: State | None = N
       The path written.
 
     Raises:
-      ValueError: an unknown format; a stateful network without ``model_state``.
+      ValueError: an unknown format; a stateful network without ``model_state``; ONNX with a
+        precision that does not compute in float32.
       FileExistsError: ``output`` exists and ``force`` is False.
       ImportError: ``format="onnx"`` without jax2onnx installed.
       NotImplementedError: (ONNX) a layer whose operations jax2onnx cannot express; the
@@ -72,12 +81,17 @@ def export(net: Layer, params: Params, example, *, model_state: State | None = N
     for path in (output, sidecar):
         if path.exists() and not force:
             raise FileExistsError(f"export: {path} exists; pass force=True (--force) to overwrite it")
+    policy = get_policy(precision)
+    if format == "onnx" and (narrow := _narrow_dtypes(policy)):
+        raise ValueError(f"export: format='onnx' needs float32 compute, but precision "
+                         f"{policy.name} computes in {', '.join(narrow)}, which onnxruntime's "
+                         "CPU kernels do not run; export format='stablehlo' instead")
     model_state = state_or_empty(net, model_state, "export")
     spec = _example_spec(example)
     fn = serving_function(net, params, model_state, preprocess=preprocess, proba=proba,
-                          input_dtype=spec.dtype)
+                          input_dtype=spec.dtype, precision=policy)
     y = jax.eval_shape(fn, spec)
-    output_name = "probabilities" if proba else "logits"
+    output_name = output_name or ("probabilities" if proba else "logits")
     if format == "stablehlo":
         data = _stablehlo_bytes(fn, spec)
     else:
@@ -93,26 +107,40 @@ def export(net: Layer, params: Params, example, *, model_state: State | None = N
         "num_classes": int(y.shape[-1]) if y.ndim == 2 else None,
         "proba": bool(proba),
         "preprocess": _describe_preprocess(preprocess),
+        "precision": None if policy is None else policy.name,
         "platforms": list(PLATFORMS) if format == "stablehlo" else None,
         "jaxnet_version": __version__,
         "jax_version": jax.__version__,
         "sha256": hashlib.sha256(data).hexdigest(),
     }
+    meta = {**(metadata or {}), **meta}
     atomic_write(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
     return output
 
 
 def serving_function(net: Layer, params: Params, model_state: State, *, preprocess=None,
-                     proba: bool = False, input_dtype=jnp.float32) -> Callable[[jax.Array], jax.Array]:
-    """``x (batch, *example) -> y``: preprocessing, the network in evaluation mode, and the
-    softmax when ``proba``, with params and state as constants (what :func:`export` exports)."""
+                     proba: bool = False, input_dtype=jnp.float32,
+                     precision: str | Policy | None = None) -> Callable[[jax.Array], jax.Array]:
+    """``x (batch, *example) -> y``: preprocessing, the network in evaluation mode (in
+    ``precision``'s policy), and the softmax when ``proba``, with params and state as constants
+    (what :func:`export` exports)."""
     prep = _preprocess_fn(preprocess, params, input_dtype)
+    policy = get_policy(precision)
+    check_params(policy, params, "export")
 
     def serve(x):
-        x = prep(x)
-        y, _ = net.apply_with_state(params, model_state, x, train=False, batch_ndim=1)
+        y, _ = apply_with_policy(net, policy, params, model_state, prep(x), train=False,
+                                 batch_ndim=1)
         return jax.nn.softmax(y, axis=-1) if proba else y
     return serve
+
+
+def _narrow_dtypes(policy: Policy | None) -> list[str]:
+    """The dtypes other than float32 that ``policy``'s forward pass computes in."""
+    if policy is None:
+        return []
+    used = (policy.compute_dtype, getattr(policy, "matmul_dtype", None))
+    return sorted({jnp.dtype(d).name for d in used if d is not None} - {"float32"})
 
 
 def _example_spec(example) -> jax.ShapeDtypeStruct:

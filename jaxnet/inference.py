@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxnet._xla import options as xla_options
 from jaxnet.nn.layer import Layer, Params, State, shape_str, state_or_empty
-from jaxnet.nn.shapes import infer_example_ndim
+from jaxnet.nn.shapes import describe_input, infer_batch_ndim
 from jaxnet.validate import positive_int
 from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy
 from jaxnet.tensorfile import current_umask, fsync_directory
@@ -51,28 +51,34 @@ def _compiled_forward(large: bool = False):
 
 
 @functools.lru_cache(maxsize=64)
-def _output_spec(net: Layer, proba: bool, chunk_shape: tuple[int, ...], dtype,
-                 policy: Policy | None = None) -> jax.ShapeDtypeStruct:
-    """Shape and dtype of one chunk's outputs (params were already checked to fit)."""
-    spec = jax.ShapeDtypeStruct(chunk_shape, dtype)
+def _output_spec(net: Layer, proba: bool, chunk: tuple, policy: Policy | None = None):
+    """Shape and dtype of one chunk's outputs (params were already checked to fit); ``chunk``
+    is a chunk's :func:`_spec_signature`."""
+    spec = _as_specs(chunk)
     params, state = jax.eval_shape(lambda k: net.init_with_state(k, spec), jax.random.key(0))
     return jax.eval_shape(functools.partial(_forward, net=net, proba=proba, policy=policy),
                           params, state, spec)
 
 
 def _signature(tree) -> tuple:
-    """A hashable stand-in for a params or state tree: its structure, shapes and dtypes."""
+    """A hashable stand-in for a tree of arrays (params, state, inputs): its structure, shapes
+    and dtypes."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return treedef, tuple((tuple(np.shape(leaf)), jnp.dtype(leaf.dtype)) for leaf in leaves)
 
 
+def _as_specs(signature: tuple):
+    """The tree of ``ShapeDtypeStruct`` a :func:`_signature` stands for."""
+    treedef, leaves = signature
+    return treedef.unflatten([jax.ShapeDtypeStruct(*leaf) for leaf in leaves])
+
+
 @functools.lru_cache(maxsize=256)
-def _example_ndim(net: Layer, spec: jax.ShapeDtypeStruct, params: tuple, state: tuple) -> int:
-    """``infer_example_ndim`` on the trees' shapes, cached: a repeated call costs nothing.
+def _batch_ndim(net: Layer, x: tuple, params: tuple, state: tuple) -> int:
+    """``infer_batch_ndim`` on the trees' signatures, cached: a repeated call costs nothing.
 
     Raises its errors, which name the layer and the shapes."""
-    as_specs = lambda sig: sig[0].unflatten([jax.ShapeDtypeStruct(*leaf) for leaf in sig[1]])  # noqa: E731
-    return infer_example_ndim(net, as_specs(params), as_specs(state), spec)
+    return infer_batch_ndim(net, _as_specs(params), _as_specs(state), _as_specs(x))
 
 
 def chunk_size(n: int, batch_size: int) -> int:
@@ -90,50 +96,54 @@ class _Plan:
     def __init__(self, net, params, x, model_state, batch_size, proba, preprocess, precision=None):
         policy = get_policy(precision)
         check_params(policy, params, "predict")
-        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-            x = np.asarray(x)
-        if len(x.shape) == 0:
-            raise ValueError("predict: x must be (n, *example) inputs, got a scalar")
+        x = jax.tree.map(lambda leaf: leaf if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+                         else np.asarray(leaf), x)
+        self.n = _num_rows(x)
         positive_int("predict", "batch_size", batch_size)
         model_state = state_or_empty(net, model_state, "predict")
-        self.x, self.n, self.preprocess = x, int(x.shape[0]), preprocess
-        self.on_device = isinstance(x, jax.Array)
+        self.x, self.preprocess = x, preprocess
+        self.on_device = all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(x))
         self.chunk = chunk_size(self.n, int(batch_size))
-        self.example_shape, dtype = self._example(x)
-        self.dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 is float32 unless x64 is on
-        spec = jax.ShapeDtypeStruct((self.n,) + self.example_shape, self.dtype)
+        # examples: a tree of ShapeDtypeStruct (no rows); float64 is float32 unless x64 is on
+        self.examples = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+            tuple(leaf.shape[1:]), jax.dtypes.canonicalize_dtype(leaf.dtype)), self._example(x))
+        spec = self._rows(self.n)
         try:
-            example_ndim = _example_ndim(net, spec, _signature(params), _signature(model_state))
+            batch_ndim = _batch_ndim(net, _signature(spec), _signature(params),
+                                     _signature(model_state))
         except TypeError:
             # The rank search meets a dtype error first at rank 0, and would report the shape
             # of that probe; the conventional reading (n, *example) names the real one.
-            net.output_shape(jax.ShapeDtypeStruct((1,) + self.example_shape, self.dtype))
+            net.output_shape(self._rows(1))
             raise
-        if example_ndim > len(self.example_shape):
+        if batch_ndim == 0:
             raise ValueError(
                 f"predict: x must be (n, *example) inputs; the network reads all of x, shape "
-                f"{shape_str(spec.shape)}, as a single example (for one example, pass x[None])")
-        y = _output_spec(net, proba, (self.chunk,) + self.example_shape, self.dtype, policy)
+                f"{describe_input(spec)}, as a single example (for one example, pass x[None])")
+        y = _output_spec(net, proba, _signature(self._rows(self.chunk)), policy)
         self.output = jax.ShapeDtypeStruct((self.n,) + y.shape[1:], y.dtype)
         # on the device once, not with every chunk
         self.params, self.model_state = jax.device_put((params, model_state))
         self.run = functools.partial(_compiled_forward(self.chunk >= xla_options.LARGE_FORWARD_ROWS),
                                      net=net, proba=proba, policy=policy)
 
-    def _example(self, x) -> tuple[tuple[int, ...], np.dtype]:
+    def _rows(self, n: int):
+        """The spec of ``n`` inputs: ``(n, *example)`` for every leaf."""
+        return jax.tree.map(lambda e: jax.ShapeDtypeStruct((n,) + e.shape, e.dtype), self.examples)
+
+    def _example(self, x):
         if self.preprocess is None:
-            return tuple(x.shape[1:]), x.dtype
-        first = self._preprocessed(0, min(self.n, 1))  # to see what the chunks will become
-        return tuple(first.shape[1:]), first.dtype
+            return x
+        return self._preprocessed(0, min(self.n, 1))  # to see what the chunks will become
 
     def _preprocessed(self, start: int, stop: int):
-        part = self.x[start:stop]
+        part = jax.tree.map(lambda leaf: leaf[start:stop], self.x)
         if self.preprocess is not None:
             part = self.preprocess(part)
-            if not hasattr(part, "shape") or part.shape[0] != stop - start:
+            rows = {getattr(leaf, "shape", (None,))[:1] for leaf in jax.tree.leaves(part)}
+            if rows != {(stop - start,)}:
                 raise ValueError(f"predict: preprocess must return one row per input row; given "
-                                 f"{stop - start} rows it returned shape "
-                                 f"{shape_str(getattr(part, 'shape', ()))}")
+                                 f"{stop - start} rows it returned shape {describe_input(part)}")
         return part
 
     def device_chunks(self) -> Iterator[tuple[int, int, jax.Array]]:
@@ -141,14 +151,19 @@ class _Plan:
         for start in range(0, self.n, self.chunk):
             stop = min(start + self.chunk, self.n)
             part = self._preprocessed(start, stop)
-            if tuple(part.shape[1:]) != self.example_shape:
+            shapes = jax.tree.map(lambda leaf: tuple(leaf.shape[1:]), part)
+            if shapes != jax.tree.map(lambda e: e.shape, self.examples):
+                got = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), part)
                 raise ValueError(f"predict: rows {start}:{stop} have examples of shape "
-                                 f"{shape_str(part.shape[1:])}, the first ones "
-                                 f"{shape_str(self.example_shape)}")
+                                 f"{describe_input(got)}, the first ones "
+                                 f"{describe_input(self.examples)}")
             if self.on_device:
-                yield start, stop, _pad(jnp.asarray(part, self.dtype), self.chunk, jnp)
+                yield start, stop, jax.tree.map(
+                    lambda leaf, e: _pad(jnp.asarray(leaf, e.dtype), self.chunk, jnp), part,
+                    self.examples)
             else:  # device_put returns at once; the copy runs while earlier chunks compute
-                yield start, stop, jax.device_put(_pad(np.asarray(part), self.chunk, np))
+                yield start, stop, jax.device_put(jax.tree.map(
+                    lambda leaf: _pad(np.asarray(leaf), self.chunk, np), part))
 
     def outputs(self) -> Iterator[tuple[int, int, jax.Array]]:
         """``(start, stop, y)``, each yielded only after the next chunk has been dispatched,
@@ -161,6 +176,20 @@ class _Plan:
             pending = (start, stop, y)
         if pending is not None:
             yield pending
+
+
+def _num_rows(x) -> int:
+    """The number of inputs of ``x``: the leading size every leaf shares."""
+    leaves = jax.tree_util.tree_leaves_with_path(x)
+    if not leaves:
+        raise ValueError(f"predict: x holds no arrays, got {x!r}")
+    if any(len(leaf.shape) == 0 for _, leaf in leaves):
+        raise ValueError("predict: x must be (n, *example) inputs, got a scalar")
+    sizes = {int(leaf.shape[0]) for _, leaf in leaves}
+    if len(sizes) > 1:
+        listed = ", ".join(f"x{jax.tree_util.keystr(path)} {leaf.shape[0]}" for path, leaf in leaves)
+        raise ValueError(f"predict: every input array needs the same number of rows; found {listed}")
+    return sizes.pop()
 
 
 def _pad(part, rows: int, xp):
@@ -216,7 +245,8 @@ def predict(net: Layer, params: Params, x, *, model_state: State | None = None,
       x: ``(n, *example)`` inputs: a NumPy array, a memory-mapped ``.npy`` file
         (``np.load(path, mmap_mode="r")``; only the chunk being read is in memory), anything
         else with ``shape``, ``dtype`` and row slicing, or a JAX array (chunks are sliced on
-        the device).
+        the device); or a tuple or dict of such arrays sharing the leading ``n`` (a network
+        with several inputs).
       model_state: the trained state, for networks with state (BatchNorm).
       batch_size: inputs per compiled call. The last chunk is padded to it, so one program
         serves every chunk, and later calls with at least ``batch_size`` inputs reuse it.

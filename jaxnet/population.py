@@ -29,6 +29,7 @@ from jaxnet.nn.layer import Layer, apply_child, init_child
 from jaxnet.validate import positive_int
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.progress import make_progress
+from jaxnet.train.callbacks import VALIDATION, best_index, default_mode
 from jaxnet.train.engine import EpochPlan, Sums, epoch_order, run_epochs, scan_batches, take_rows
 from jaxnet.train.fit import _check_data, make_evaluate
 from jaxnet.train.state import LossFn, TrainState, init_train_state, train_batch
@@ -212,7 +213,8 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
                    shared_order: bool = True, eval_batch_size: int = 1024,
                    progress: bool | None = None, progress_every: int | None = None,
                    on_epoch: Callable[[dict, Population], None] | None = None,
-                   precision: str | None = None) -> tuple[Population, list[dict]]:
+                   precision: str | None = None,
+                   validation_data: tuple[Any, Any] | None = None) -> tuple[Population, list[dict]]:
     """Trains every member of ``population``, each epoch one compiled program for all of them.
 
     Args:
@@ -224,7 +226,7 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
       epochs: total number of epochs.
       batch_size: examples per step for each member (capped at ``n``).
       loss: per-example loss ``(logits, y) -> (batch,)``.
-      eval_data: optional held-out ``(x, y)``, evaluated for every member after each epoch.
+      eval_data: optional test ``(x, y)``, evaluated for every member after each epoch.
       shared_order: all members see the same batches (member 0's shuffle); ``False`` shuffles
         each member with its own key, exactly as ``fit`` would train it alone.
       eval_batch_size: examples per compiled evaluation batch.
@@ -232,12 +234,14 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
       progress_every: steps between progress updates (default: ~50 per epoch).
       on_epoch: called as ``on_epoch(record, population)`` after each epoch.
       precision: ``None``, ``"f32"`` or ``"bf16"``, as in :func:`jaxnet.train.fit`.
+      validation_data: optional held-out ``(x, y)`` to choose members and epochs on
+        (:func:`best_member`), evaluated for every member after each epoch.
 
     Returns:
       ``(population, history)``: one dict per epoch with ``epoch``, per-member lists
-      ``train_loss, train_accuracy[, test_loss, test_accuracy]`` (length K; NaN for a
-      member that diverged), ``seconds`` and ``examples_per_second`` (over all members);
-      the first also has ``compile_seconds``.
+      ``train_loss, train_accuracy[, val_loss, val_accuracy][, test_loss, test_accuracy]``
+      (length K; NaN for a member that diverged), ``seconds`` and ``examples_per_second``
+      (over all members); the first also has ``compile_seconds``.
     """
     x, y = map(jnp.asarray, train_data)
     first = population.member(0)
@@ -261,8 +265,10 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
     start = time.perf_counter()
     compiled = xla_options.jit(epoch_fn, donate_argnums=0).lower(
         population, x, y, jnp.int32(0)).compile()
-    evaluate_members = None if eval_data is None else _compile_member_evaluation(
-        net, loss, eval_data, eval_batch_size, precision, population)
+    evaluations = [_compile_member_evaluation(net, loss, data, eval_batch_size, precision,
+                                              population, prefix)
+                   for prefix, data in (("val", validation_data), ("test", eval_data))
+                   if data is not None]
     compile_seconds = time.perf_counter() - start
 
     def train_record(sums, epoch):
@@ -271,25 +277,29 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
 
     return run_epochs(population, lambda population, epoch: compiled(population, x, y, epoch),
                       first_epoch=done, epochs=epochs, reporter=reporter,
-                      train_record=train_record, evaluate=evaluate_members,
+                      train_record=train_record,
+                      evaluate=lambda population: {k: v for run in evaluations
+                                                   for k, v in run(population).items()},
                       examples=n * population.size, compile_seconds=compile_seconds,
                       on_epoch=on_epoch, display=_summary_record)
 
 
 def _compile_member_evaluation(net, loss, eval_data, eval_batch_size, precision,
-                               population: Population) -> Callable[[Population], dict]:
-    """``population -> {"test_loss": [...], "test_accuracy": [...]}``, compiled for ``eval_data``."""
+                               population: Population, prefix: str) -> Callable[[Population], dict]:
+    """``population -> {"<prefix>_loss": [...], "<prefix>_accuracy": [...]}``, compiled for
+    ``eval_data``."""
     x_eval, y_eval = map(jnp.asarray, eval_data)
-    _check_data(net, population.member(0).params, x_eval, y_eval, "eval_data")
+    _check_data(net, population.member(0).params, x_eval, y_eval,
+                "eval_data" if prefix == "test" else "validation_data")
     evaluate = make_evaluate(net, loss, x_eval.shape[0], min(eval_batch_size, x_eval.shape[0]),
                              precision=precision)
     compiled = xla_options.jit(jax.vmap(evaluate, (0, 0, None, None))).lower(
         population.members.params, population.members.model_state, x_eval, y_eval).compile()
 
     def evaluate_members(population):
-        test = _per_member(compiled(population.members.params, population.members.model_state,
-                                    x_eval, y_eval))
-        return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+        means = _per_member(compiled(population.members.params, population.members.model_state,
+                                     x_eval, y_eval))
+        return {f"{prefix}_{name}": values for name, values in means.items()}
 
     return evaluate_members
 
@@ -304,22 +314,66 @@ def _summary_record(record: dict) -> dict:
     return {k: _finite_mean(v) if isinstance(v, list) else v for k, v in record.items()}
 
 
-def best_member(history: list[dict], metric: str = "test_accuracy") -> int:
-    """Index of the member with the best final ``metric`` (highest accuracy, lowest loss).
+def chosen_epochs(history: list[dict], metric: str | Sequence[str] = VALIDATION
+                  ) -> list[int | None]:
+    """Each member's chosen epoch (1-based): its best by ``metric``, as ``jaxnet train`` keeps a
+    run's best epoch (:class:`jaxnet.train.callbacks.EarlyStopping`); ``None`` for a member
+    whose values are never finite.
 
-    Members whose final value is NaN are never chosen.
+    Args:
+      history: from :func:`fit_population` with ``validation_data``.
+      metric: a per-member key of the records, or several compared in order, ties on one
+        broken by the next (``("val_accuracy", "val_loss")``); highest accuracy, lowest
+        anything else. The default: the validation loss. Test metrics are refused: they are for reporting the chosen
+        model only, never for choosing it.
 
     Raises:
-      ValueError: ``metric`` is not in the history, or every member's value is NaN.
+      ValueError: a ``metric`` is missing from the history, or names test metrics.
     """
-    if not history or metric not in history[-1]:
-        have = sorted(k for k, v in (history[-1] if history else {}).items() if isinstance(v, list))
-        raise ValueError(f"best_member: no per-member {metric!r} in the history (has {have})")
-    values = np.asarray(history[-1][metric], np.float64)
-    if not np.isfinite(values).any():
-        raise ValueError(f"best_member: every member's final {metric} is NaN or infinite")
-    signed = values if "accuracy" in metric else -values
-    return int(np.nanargmax(np.where(np.isfinite(signed), signed, np.nan)))
+    keys = _monitored(history, metric)
+    modes = [default_mode(key) for key in keys]
+    members = len(history[-1][keys[0]])
+    chosen = []
+    for member in range(members):
+        rows = [[float(record[key][member]) for key in keys] for record in history]
+        best = best_index(rows, modes)
+        chosen.append(None if best is None else history[best].get("epoch", best + 1))
+    return chosen
+
+
+def best_member(history: list[dict], metric: str | Sequence[str] = VALIDATION) -> int:
+    """Index of the member whose chosen epoch (:func:`chosen_epochs`) is the best of all: by
+    default the one with the lowest validation loss.
+
+    Members whose values are never finite are never chosen; of equal members, the first.
+
+    Raises:
+      ValueError: ``metric`` is not in the history or names test metrics, or every member's
+        values are NaN or infinite.
+    """
+    keys = _monitored(history, metric)
+    epochs = chosen_epochs(history, keys)
+    by_epoch = {record.get("epoch", i + 1): record for i, record in enumerate(history)}
+    rows = [[math.nan] * len(keys) if epoch is None else
+            [float(by_epoch[epoch][key][member]) for key in keys]
+            for member, epoch in enumerate(epochs)]
+    best = best_index(rows, [default_mode(key) for key in keys])
+    if best is None:
+        raise ValueError(f"best_member: every member's {', '.join(keys)} is NaN or infinite")
+    return best
+
+
+def _monitored(history: list[dict], metric: str | Sequence[str]) -> tuple[str, ...]:
+    keys = (metric,) if isinstance(metric, str) else tuple(metric)
+    if tested := [key for key in keys if key.startswith("test_")]:
+        raise ValueError(f"best_member: {tested[0]!r} is a test metric; choose by validation "
+                         "metrics (fit_population(validation_data=...)) and report the test "
+                         "metrics of the chosen member only")
+    have = sorted(k for k, v in (history[-1] if history else {}).items() if isinstance(v, list))
+    if missing := [key for key in keys if key not in have]:
+        raise ValueError(f"best_member: no per-member {missing[0]!r} in the history (has "
+                         f"{have}); pass validation_data to fit_population")
+    return keys
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

@@ -2,7 +2,8 @@
 
 A finished run directory holds ``config.json`` (the settings under ``"config"``, the data under
 ``"data"``: example shape, classes, standardisation, and for text runs the vocabulary) and
-``params.safetensors`` (and ``model_state.safetensors`` for networks with state). This module
+``params.safetensors`` (and ``model_state.safetensors`` for networks with state), whose
+metadata repeats the settings and data, so that the file alone rebuilds the run. This module
 rebuilds the network from the settings (:func:`build_model`, also what ``jaxnet train`` builds)
 and the preprocessing the run applied to its inputs (:func:`preprocess_for`)::
 
@@ -31,12 +32,17 @@ from jaxnet.nn.norm import LayerNorm
 from jaxnet.nn.positional import LearnedPositionalEmbedding
 from jaxnet.nn.recurrent import GRU, LSTM
 from jaxnet.nn.transformer import TransformerBlock
-from jaxnet.tensorfile import load_params
+from jaxnet.run_manifest import verify_run, warn_unverified
+from jaxnet.tensorfile import load_metadata, load_params, read_regular
 
 MODELS = ("mlp", "cnn", "lstm", "gru", "transformer")
 SEQUENCE_MODELS = ("lstm", "gru", "transformer")
 LANGUAGE_MODEL = "language_model"  # the data record's "task" for a text run
+REGRESSION = "regression"  # ... for a regression run (num_classes: the number of outputs)
 DEFAULT_LAYERS = {"lstm": 1, "gru": 1, "transformer": 2}
+MAX_CONFIG_BYTES = 1 << 26  # a config.json (with a text run's vocabulary) is far smaller
+PARAMS_FORMAT = "jaxnet-run"  # the "format" entry of a run's params file metadata
+METADATA_KEYS = ("config", "data", "versions")  # the run record's entries in that metadata
 
 
 class Run(NamedTuple):
@@ -70,6 +76,11 @@ def is_language_model(data: Mapping) -> bool:
     return data.get("task") == LANGUAGE_MODEL
 
 
+def is_regression(data: Mapping) -> bool:
+    """Whether a run's ``data`` record is a regression set (``num_classes`` outputs, MSE)."""
+    return data.get("task") == REGRESSION
+
+
 def build_model(config, data: Mapping) -> Layer:
     """The network a run's settings describe.
 
@@ -79,7 +90,8 @@ def build_model(config, data: Mapping) -> Layer:
         recurrent width or the transformer's ``d_model``), ``activation``, ``drop_rate``,
         ``layers`` (recurrent layers or transformer blocks; None: 1, or 2 for the transformer),
         ``heads`` (attention heads).
-      data: the data record: ``num_classes`` (for text, the vocabulary size), ``example_shape``
+      data: the data record: ``num_classes`` (for text, the vocabulary size; for regression,
+        ``task == "regression"``, the number of outputs), ``example_shape``
         and, for text, ``task == "language_model"``.
 
     Returns:
@@ -185,17 +197,47 @@ def read_record(run_dir) -> dict:
     config_file = Path(run_dir) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: missing; is {run_dir} a jaxnet run directory?")
+    return _checked_record(lambda: json.loads(read_regular(config_file, MAX_CONFIG_BYTES)),
+                           config_file)
+
+
+def _checked_record(load: Callable[[], dict], source) -> dict:
+    """``load()``, a run record, checked for the entries and values a run needs; errors name
+    ``source``."""
     try:
-        record = json.loads(config_file.read_text())
+        record = load()
         str(record["config"]["model"])
         int(record["data"]["num_classes"])
         [int(d) for d in record["data"]["example_shape"]]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{config_file}: not a valid jaxnet run config ({type(error).__name__}: "
+        raise ValueError(f"{source}: not a valid jaxnet run config ({type(error).__name__}: "
                          f"{error})") from None
     if problem := _bad_value(record):
-        raise ValueError(f"{config_file}: {problem}")
+        raise ValueError(f"{source}: {problem}")
     return record
+
+
+def params_metadata(record: Mapping) -> dict[str, str]:
+    """What a run's ``params.safetensors`` carries in its header's ``__metadata__`` so that the
+    file alone rebuilds the network (as a Hugging Face file carries its config): the run
+    record's ``config``, ``data`` and ``versions`` as JSON strings, and ``format: jaxnet-run``."""
+    return {"format": PARAMS_FORMAT, **{key: json.dumps(record[key]) for key in METADATA_KEYS
+                                        if key in record}}
+
+
+def params_record(params_file) -> dict | None:
+    """The run record (``config``, ``data``, ``versions``) in a params file's metadata, checked
+    as ``config.json`` is; None when the file carries none (not written by ``jaxnet train``).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is damaged, or its metadata is not a valid run record.
+    """
+    metadata = load_metadata(params_file)
+    if metadata.get("format") != PARAMS_FORMAT:
+        return None
+    return _checked_record(lambda: {key: json.loads(metadata[key]) for key in METADATA_KEYS
+                                    if key in metadata}, f"{params_file} (metadata)")
 
 
 def _is_number(value) -> bool:
@@ -234,8 +276,28 @@ def _read_tensors(path: Path, what: str):
                                 f"is not a jaxnet run directory), so it has no {what}") from None
 
 
+def _locate(path: Path) -> tuple[Path, Path, dict]:
+    """``(run directory, params file, record)`` of a run directory or of a params file alone;
+    a directory's ``config.json`` is its record, else its params file's metadata."""
+    if path.is_file():
+        record = params_record(path)
+        if record is None:
+            raise ValueError(f"{path}: its safetensors header carries no jaxnet run metadata "
+                             "(written by jaxnet train), so the network cannot be rebuilt from "
+                             "the file alone; load its run directory, with config.json")
+        return path.parent, path, record
+    params_file = path / "params.safetensors"
+    if not (path / "config.json").exists() and params_file.is_file():
+        if (record := params_record(params_file)) is not None:
+            return path, params_file, record
+    return path, params_file, read_record(path)
+
+
 def load_run(run_dir) -> Run:
-    """Reads a finished ``jaxnet train`` run directory back (see :class:`Run`).
+    """Reads a finished ``jaxnet train`` run back (see :class:`Run`): its directory, or its
+    ``params.safetensors`` file alone, whose metadata carries the settings and the data
+    record (:func:`params_metadata`). A directory without ``config.json`` is read from its
+    params file's metadata too.
 
     ``jaxnet.predict(run.net, run.params, run.preprocess(x), model_state=run.model_state)``
     gives what ``jaxnet predict RUN_DIR`` writes for the raw inputs ``x``.
@@ -243,12 +305,18 @@ def load_run(run_dir) -> Run:
     Raises:
       FileNotFoundError: ``config.json`` or ``params.safetensors`` is missing (the message
         names the file).
-      ValueError: ``config.json`` is not a valid run config, or a tensor file is damaged.
+      ValueError: ``config.json`` is not a valid run config, a tensor file is damaged, or a
+        params file given alone carries no run metadata (the message names the file).
+      jaxnet.run_manifest.RunVerificationError: (a ValueError) a file differs from what the
+        run's ``run_manifest.json`` recorded, is missing, or the run has not finished; checked
+        before anything is read. A run without a manifest (an older jaxnet's) is read with an
+        ``UnverifiedRunWarning``.
     """
-    run_dir = Path(run_dir)
-    record = read_record(run_dir)
+    path = Path(run_dir)  # a params file alone: verified with its directory's manifest, if any
+    manifest = verify_run(path.parent if path.is_file() else path)
+    run_dir, params_file, record = _locate(path)
     net = build_model(record["config"], record["data"])
-    params = _read_tensors(run_dir / "params.safetensors", "trained parameters")
+    params = _read_tensors(params_file, "trained parameters")
     state_file = run_dir / "model_state.safetensors"
     model_state = _read_tensors(state_file, "model state") if state_file.is_file() else {}
     data = record["data"]
@@ -257,4 +325,6 @@ def load_run(run_dir) -> Run:
         x = np.asarray(x)
         return preprocess_for(data, x.shape, x.dtype)(x)
 
+    if manifest is None and (run_dir / "config.json").is_file():
+        warn_unverified(run_dir)
     return Run(net, params, model_state, preprocess, record)

@@ -208,25 +208,6 @@ def test_grouped_query_attention_equals_attention_with_repeated_key_value_heads(
 
 # ---- against PyTorch ----------------------------------------------------------------------
 
-def torch_params(module, use_bias=True):
-    """jaxnet params from a torch.nn.MultiheadAttention: torch's weights are (out, in)."""
-    def t(a):
-        return jnp.asarray(a.detach().numpy())
-
-    if module._qkv_same_embed_dim:
-        ws = np.split(module.in_proj_weight.detach().numpy(), 3)
-    else:
-        ws = [module.q_proj_weight.detach().numpy(), module.k_proj_weight.detach().numpy(),
-              module.v_proj_weight.detach().numpy()]
-    params = {name: {"w": jnp.asarray(w.T)} for name, w in zip(("query", "key", "value"), ws)}
-    params["out"] = {"w": t(module.out_proj.weight).T}
-    if use_bias:
-        for name, b in zip(("query", "key", "value"), np.split(module.in_proj_bias.detach().numpy(), 3)):
-            params[name]["b"] = jnp.asarray(b)
-        params["out"]["b"] = t(module.out_proj.bias)
-    return params
-
-
 @pytest.mark.parametrize("causal, use_bias", [(False, True), (True, True), (False, False)])
 def test_self_attention_matches_torch_multihead_attention(rng, causal, use_bias):
     torch = pytest.importorskip("torch")
@@ -239,8 +220,9 @@ def test_self_attention_matches_torch_multihead_attention(rng, causal, use_bias)
         expected, _ = module(*(torch.tensor(x),) * 3, key_padding_mask=torch.tensor(~mask),
                              attn_mask=attn_mask, need_weights=False)
     net = jn.MultiHeadAttention(2, causal=causal, use_bias=use_bias)
-    params = jax.tree.map(lambda a: a.astype(jnp.float32), torch_params(module, use_bias))
-    y = run(net, params, (jnp.asarray(x, jnp.float32), jnp.asarray(mask)))
+    x32 = jnp.asarray(x, jnp.float32)
+    params = jn.from_torch(module, net, x32[:1])  # torch's packed (3E, E) in_proj_weight, split
+    y = run(net, params, (x32, jnp.asarray(mask)))
     np.testing.assert_allclose(np.asarray(y)[mask], expected.numpy()[mask], rtol=1e-4, atol=1e-5)
 
 
@@ -254,9 +236,10 @@ def test_cross_attention_matches_torch_multihead_attention(rng):
         expected, _ = module(torch.tensor(query), torch.tensor(context), torch.tensor(context),
                              key_padding_mask=torch.tensor(~mask), need_weights=False)
     net = jn.MultiHeadAttention(4)
-    params = jax.tree.map(lambda a: a.astype(jnp.float32), torch_params(module))
-    y = run(net, params, {"query": jnp.asarray(query, jnp.float32),
-                          "context": jnp.asarray(context, jnp.float32), "mask": jnp.asarray(mask)})
+    inputs = {"query": jnp.asarray(query, jnp.float32), "context": jnp.asarray(context, jnp.float32),
+              "mask": jnp.asarray(mask)}
+    params = jn.from_torch(module, net, jax.tree.map(lambda a: a[:1], inputs))  # q/k/v_proj_weight
+    y = run(net, params, inputs)
     np.testing.assert_allclose(y, expected.numpy(), rtol=1e-4, atol=1e-5)
 
 

@@ -88,6 +88,57 @@ def test_torch_cnn_variant_runs_when_pytorch_is_installed():
     variant.run(1)
 
 
+def test_bf16_variants_train_in_bf16_next_to_the_float32_ones():
+    variants = workloads.mlp_bf16_variants(SIZES, 4, 2)
+    assert [v.name for v in variants] == ["raw-jax step (donated) bf16", "jaxnet train step bf16",
+                                          "jaxnet fit (device loop) bf16"]
+    cnn = workloads.cnn_variants(2, 1, bf16=True)
+    assert [v.name for v in cnn[-3:]] == [v.name for v in variants]
+    for variant in variants + cnn:
+        variant.run(2)
+    products = workloads.matmul_variants(8, 4, 2)
+    assert [v.name for v in products] == ["jnp.dot float32", "jnp.dot bf16 -> float32"]
+    rates = harness.measure(products, 2, rounds=1)
+    assert all(r[0] > 0 for r in rates.values())
+
+
+def test_the_raw_bf16_product_rounds_operands_and_gradients(key):
+    """Forward and backward on bfloat16-rounded values, accumulated and returned in float32."""
+    a, b, g = (jax.random.normal(k, shape) for k, shape in
+               zip(jax.random.split(key, 3), ((5, 7), (7, 3), (5, 3))))
+    r = lambda v: np.asarray(v.astype(jax.numpy.bfloat16), np.float64)
+    y, pullback = jax.vjp(lambda a, b: workloads.bf16_product(jax.numpy.matmul, a, b), a, b)
+    da, db = pullback(g)
+    assert y.dtype == da.dtype == db.dtype == np.float32
+    np.testing.assert_allclose(y, r(a) @ r(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(da, r(g) @ r(b).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, r(a).T @ r(g), rtol=1e-5, atol=1e-5)
+
+
+def test_pytorch_autocast_variants_run_when_pytorch_is_installed(key):
+    pytest.importorskip("torch")
+    x = jax.random.normal(key, (4, SIZES[0]))
+    y = jax.random.randint(key, (4,), 0, SIZES[-1])
+    skipped = []
+    mlp = peers.torch_mlp_variants("tiny", SIZES, x, y, skipped)
+    cnn = peers.torch_cnn_variants(2, bf16=True)
+    assert [v.name.split(" ", 2)[2] for v in mlp + cnn] == [
+        "eager, fused adam", "autocast bf16, fused adam"] * 2 and not skipped
+    for variant in mlp + cnn:
+        variant.run(1)
+    assert len(peers.torch_mlp_variants("tiny", SIZES, x, y, skipped, eager=False)) == 1
+
+
+def test_without_pytorch_the_autocast_variants_leave_a_note(monkeypatch, key):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    skipped = []
+    x = jax.random.normal(key, (4, SIZES[0]))
+    assert peers.torch_mlp_variants("tiny", SIZES, x, None, skipped) == []
+    assert [(s["workload"], s["variant"]) for s in skipped] == [("tiny", "pytorch autocast")]
+    assert "torch not installed" in skipped[0]["reason"]
+    assert peers.torch_cnn_variants(2, bf16=True) == []
+
+
 def test_a_missing_peer_is_skipped_with_a_note(monkeypatch, key):
     monkeypatch.setitem(sys.modules, "haiku", None)  # makes `import haiku` fail
     skipped = []

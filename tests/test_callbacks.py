@@ -10,7 +10,8 @@ import pytest
 import jaxnet as jn
 from jaxnet import metrics
 from jaxnet.losses import mean_squared_error
-from jaxnet.train.callbacks import CSVLogger, Checkpointer, EarlyStopping, JSONLogger, strict_json
+from jaxnet.train.callbacks import (CSVLogger, Checkpointer, EarlyStopping, JSONLogger, best_index,
+                                    improves, strict_json)
 
 
 def regression_problem(rng, n=96):
@@ -146,3 +147,62 @@ def test_reduce_on_plateau_from_optax_works_in_fit(key, rng):
     scale = float(state.opt_state[1].scale)
     assert scale < 1.0  # the plateau was seen through the loss passed as `value`
     assert all(np.isfinite(record["train_loss"]) for record in history)
+
+
+def test_improvement_is_compared_key_by_key():
+    modes = ("max", "min")  # accuracy, then loss
+    assert improves([0.9, 0.3], None, modes)
+    assert improves([0.9, 0.2], [0.9, 0.3], modes)  # a tie on accuracy, a lower loss
+    assert not improves([0.9, 0.3], [0.9, 0.3], modes)  # equal: the earlier one stays
+    assert not improves([0.8, 0.1], [0.9, 0.3], modes)
+    assert not improves([float("nan"), 0.1], None, modes)
+    assert not improves([0.95, 0.1], [0.9, 0.3], modes, min_delta=0.1)
+    assert best_index([[0.5, 0.3], [0.9, 0.4], [0.9, 0.2], [0.9, 0.2]], modes) == 2
+    assert best_index([[float("nan"), 0.1]], modes) is None
+
+
+def test_early_stopping_on_several_keys_and_without_patience(key, rng):
+    x, y = classification_problem(rng)
+    net = jn.serial(jn.Dense(4))
+    keep = EarlyStopping(("val_accuracy", "val_loss"), patience=None)
+    state, history = jn.fit(net, net.init(key, x[:1]), optax.sgd(30.0), (x, y), epochs=12,
+                            batch_size=8, validation_data=(x[:32], y[:32]), callbacks=[keep],
+                            progress=False)
+    assert len(history) == 12  # never stops
+    best = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"], -r["epoch"]))
+    assert keep.best_epoch == best["epoch"] and keep.best_values == (best["val_accuracy"],
+                                                                      best["val_loss"])
+    assert int(state.step) == keep.best_epoch * 12
+    with pytest.raises(ValueError, match=r"mode must be 'min' or 'max' \(one per monitored key, 2\)"):
+        EarlyStopping(("val_accuracy", "val_loss"), mode=("max",))
+
+
+def test_early_stopping_resumes_from_the_history_and_the_kept_state(key, rng):
+    x, y = classification_problem(rng)
+    net = jn.serial(jn.Dense(4))
+    params = net.init(key, x[:1])
+    last = {}
+    run = lambda start, epochs, stop: jn.fit(  # noqa: E731
+        net, start, optax.sgd(30.0), (x, y), epochs=epochs, batch_size=8,
+        validation_data=(x[:32], y[:32]), callbacks=[stop], progress=False,
+        on_epoch=lambda record, state: last.update(state=state))  # a checkpoint's state
+    whole = EarlyStopping(patience=3)
+    best, history = run(params, 40, whole)
+    first = EarlyStopping(patience=3)
+    run(params, whole.best_epoch + 1, first)  # interrupted one epoch past the best
+    assert int(last["state"].step) == (whole.best_epoch + 1) * 12
+    again = EarlyStopping(patience=3)
+    again.resume(history[:whole.best_epoch + 1], first.best_state)
+    resumed, rest = run(last["state"], 40, again)  # from the last state, ending with the best
+    assert again.best_epoch == whole.best_epoch and whole.best_epoch + 1 + len(rest) == len(history)
+    np.testing.assert_array_equal(resumed.params["dense_1"]["w"], best.params["dense_1"]["w"])
+
+
+def test_checkpointer_every_none_saves_only_mid_epoch(key, rng, tmp_path):
+    x, y = classification_problem(rng)
+    net = jn.serial(jn.Dense(4))
+    jn.fit(net, net.init(key, x[:1]), optax.sgd(0.1), (x, y), epochs=2, batch_size=32,
+           callbacks=[Checkpointer(tmp_path, every=None, every_steps=2, keep=None)],
+           progress=False)
+    assert [p.name for p in jn.checkpoint.list_checkpoints(tmp_path)] == ["ckpt-000002",
+                                                                          "ckpt-000005"]

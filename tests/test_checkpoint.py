@@ -25,6 +25,7 @@ from jaxnet import checkpoint, train
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.app import run
 from jaxnet.checkpoint import CheckpointError
+from jaxnet.run_manifest import manifest_digest, write_run_manifest
 from jaxnet.app.cli import main
 from jaxnet.tensorfile import named_leaves
 
@@ -70,7 +71,7 @@ def rewrite_manifest(ckpt: Path, change) -> None:
     """Edits a checkpoint's manifest and re-signs it, as a consistent (but wrong) writer would."""
     manifest = json.loads((ckpt / checkpoint.MANIFEST_FILE).read_text())
     change(manifest)
-    manifest["manifest_sha256"] = checkpoint._manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (ckpt / checkpoint.MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -350,8 +351,10 @@ def test_the_nan_check_is_compiled_in_only_when_skipping(key, rng):
                                     on_nan=on_nan)
         return jax.jit(epoch).lower(state, x, y, jnp.int32(0)).as_text()
 
-    # one test of the mean loss; the others are log_softmax's
-    assert program("skip").count("is_finite") == program("stop").count("is_finite") + 1
+    # one test of the mean loss and one per updated param (sgd's state holds no floats); the
+    # others are log_softmax's
+    assert program("skip").count("is_finite") == (program("stop").count("is_finite") + 1
+                                                  + len(jax.tree.leaves(state.params)))
     with pytest.raises(ValueError, match="on_nan must be one of stop, skip; got 'ignore'"):
         train.fit(net, state.params, optax.sgd(0.1), (x, y), epochs=1, on_nan="ignore")
 
@@ -437,13 +440,18 @@ def test_a_checkpoint_saved_before_newer_options_existed_resumes(tmp_path, monke
 
 def test_a_nan_run_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     config = run.RunConfig(**{**FAST, "epochs": 5})
-    steps_per_epoch = 23  # 1438 digits in batches of 64
-    monkeypatch.setattr(run, "build_optimizer",
-                        lambda config, steps: optax.sgd(nan_after(2 * steps_per_epoch + 3)))
+    seen = {}
+
+    def build_optimizer(config, steps, **_):  # NaN from the 4th step of epoch 3
+        seen["steps"] = steps
+        return optax.sgd(nan_after(2 * steps + 3))
+
+    monkeypatch.setattr(run, "build_optimizer", build_optimizer)
     with pytest.raises(FloatingPointError) as info:
         run.train(config, tmp_path, progress=False)
-    last_good = tmp_path / "checkpoints" / f"ckpt-{2 * steps_per_epoch:06d}"
-    assert "loss became nan in epoch 3 (steps 47-69)" in str(info.value)
+    steps = seen["steps"]
+    last_good = tmp_path / "checkpoints" / f"ckpt-{2 * steps:06d}"
+    assert f"loss became nan in epoch 3 (steps {2 * steps + 1}-{3 * steps})" in str(info.value)
     assert f"the last good checkpoint is {last_good}" in str(info.value)
     assert checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1] == last_good
     assert [r["epoch"] for r in strip_times(tmp_path / "metrics.jsonl")] == [1, 2]
@@ -464,7 +472,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 def test_cli_writes_checkpoints_and_refuses_to_resume_a_finished_run(cli_run, capsys):
     assert [p.name for p in checkpoint.list_checkpoints(cli_run / "checkpoints")] == [
-        "ckpt-000023", "ckpt-000046"]
+        "ckpt-000021", "ckpt-000042"]  # 1294 digits (144 held out for validation), batches of 64
     assert main(["train", "--resume", str(cli_run)]) == 2
     assert "the run is finished" in capsys.readouterr().err
     assert main(["train", "--resume", str(cli_run), "--lr", "0.1", "--epochs", "5"]) == 2
@@ -474,14 +482,15 @@ def test_cli_writes_checkpoints_and_refuses_to_resume_a_finished_run(cli_run, ca
 def test_cli_resume_of_a_corrupt_run_changes_nothing(cli_run, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(cli_run, broken)
-    (broken / "params.safetensors").unlink()  # killed before the end
+    (broken / "params.safetensors").unlink()  # killed before the end, when its manifest ...
+    write_run_manifest(broken, ["config.json"])  # ... listed only config.json
     (broken / "metrics.jsonl").write_text((broken / "metrics.jsonl").read_text() + '{"epo')
-    _flip(broken / "checkpoints" / "ckpt-000046")
+    _flip(broken / "checkpoints" / "ckpt-000042")
     before = snapshot(broken)
     assert main(["train", "--resume", str(broken), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("jaxnet: error: ")
-    assert f"{broken}/checkpoints/ckpt-000046/state.safetensors: SHA-256 does not match" in err
+    assert f"{broken}/checkpoints/ckpt-000042/state.safetensors: SHA-256 does not match" in err
     assert snapshot(broken) == before
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "config.json: missing" in capsys.readouterr().err
@@ -647,7 +656,8 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_bits(tmp_path):
         events.append((lines(metrics), [p.name for p in checkpoint.list_checkpoints(
             killed / "checkpoints")][-1:], sorted(p.name for p in killed.glob("checkpoints/.*"))))
     print("after each kill: (metrics lines, latest checkpoint, leftovers):", events)
-    if not (killed / "params.safetensors").exists():
+    manifest = killed / "run_manifest.json"  # a finished run's lists params.safetensors
+    if not (manifest.exists() and "params.safetensors" in manifest.read_text()):
         last = subprocess.run(command(), capture_output=True, text=True, timeout=300)
         assert last.returncode == 0, last.stderr
 

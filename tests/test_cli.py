@@ -25,11 +25,15 @@ def test_train_writes_a_complete_run_directory(run_dir):
     record = json.loads((run_dir / "config.json").read_text())
     assert record["config"]["hidden"] == [32] and record["config"]["epochs"] == 2
     assert record["data"]["num_classes"] == 10 and record["data"]["example_shape"] == [8, 8, 1]
+    assert record["config"]["validation_split"] == 0.1 and record["data"]["train_examples"] == 1294
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
     for r in lines:
-        assert {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds",
+        assert {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
                 "examples_per_second"} <= set(r)
+    # the test set measures the chosen epoch only (chosen on validation data)
+    assert [r for r in lines if "test_accuracy" in r] == [r for r in lines if r.get("chosen")] \
+        == [run.chosen_record(lines)]
     tensors = safetensors.numpy.load_file(str(run_dir / "params.safetensors"))
     assert tensors["dense_1.w"].shape == (64, 32) and tensors["dense_2.w"].shape == (32, 10)
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -45,8 +49,9 @@ def test_same_config_same_metrics(run_dir, tmp_path):
 def test_eval_prints_metrics_and_confusion_matrix(run_dir, capsys):
     assert main(["eval", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert f"accuracy {last['test_accuracy']:.2%}" in out
+    chosen = run.chosen_record([json.loads(line) for line in
+                                (run_dir / "metrics.jsonl").read_text().splitlines()])
+    assert f"accuracy {chosen['test_accuracy']:.2%}" in out
     assert "confusion matrix" in out
 
 
@@ -137,13 +142,16 @@ def test_train_into_a_log_prints_one_whole_line_per_epoch(tmp_path):
     number = r"\d+\.\d{4}"
     for epoch, line in enumerate(lines, 1):
         assert re.fullmatch(rf"epoch {epoch}/2  train loss {number}  train acc {number}  "
-                            rf"test loss {number}  test acc {number}  \d+\.\d\d s", line), line
+                            rf"val loss {number}  val acc {number}  \d+\.\d\d s", line), line
     assert len(lines) == 2
     records = [json.loads(line) for line in
                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert f"test acc {records[-1]['test_accuracy']:.4f}" in lines[-1]
+    assert f"val acc {records[-1]['val_accuracy']:.4f}" in lines[-1]
     summary = result.stdout.splitlines()  # whole lines, not wrapped at 80 columns
     assert len(summary) == 2 and "after 2 epochs" in summary[0] and summary[1].startswith("results:")
+    chosen = run.chosen_record(records)
+    assert f"test accuracy {chosen['test_accuracy']:.2%}" in summary[0]
+    assert f"kept epoch {chosen['epoch']}, chosen by its validation loss" in summary[0]
     quiet = subprocess.run([sys.executable, "-m", "jaxnet.app.cli", "train", "--epochs", "2",
                             "--hidden", "32", "--no-progress", "--out", str(tmp_path / "quiet")],
                            capture_output=True, text=True, timeout=300, env=_quiet_env())

@@ -9,7 +9,7 @@ import pytest
 from jaxnet.app.cli import main
 from jaxnet.data import load_digits
 from jaxnet.inference import predict
-from jaxnet.app.run import load_data, read_run
+from jaxnet.app.run import chosen_record, load_data, read_run
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,9 @@ def test_predict_applies_the_runs_standardisation(run_dir, raw_test, tmp_path, c
     assert logits.shape == (359, 10) and logits.dtype == np.float32
     np.testing.assert_array_equal(logits, predict(net, params, standardised.x_test, batch_size=100))
     accuracy = (logits.argmax(-1) == standardised.y_test).mean()
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert accuracy == pytest.approx(last["test_accuracy"], abs=1e-6)
+    chosen = chosen_record([json.loads(line) for line in
+                            (run_dir / "metrics.jsonl").read_text().splitlines()])
+    assert accuracy == pytest.approx(chosen["test_accuracy"], abs=1e-6)
 
 
 def test_flat_and_channel_free_inputs_and_proba(run_dir, raw_test, tmp_path, capsys):

@@ -543,7 +543,7 @@ def test_read_idx_rows_of_a_damaged_gzip_file(tmp_path):
     with pytest.raises(DataError, match=in_message(short) + message):
         data.read_idx(short, slice(8, 10))
     long = write(tmp_path / "long.gz", content + b"x", gz=True)  # the last rows look past them
-    with pytest.raises(DataError, match=in_message(long) + ": trailing bytes: .*the file has more"):
+    with pytest.raises(DataError, match=in_message(long) + ": trailing bytes: .*the file has 33"):
         data.read_idx(long, slice(9, 10))
     cut = write(tmp_path / "cut.gz", gzip.compress(content)[:-12])  # the stream itself ends early
     with pytest.raises(DataError, match=in_message(cut) + ": cannot read: EOFError"):

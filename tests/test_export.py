@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -18,15 +19,17 @@ import pytest
 from jax import lax
 
 import jaxnet as jn
+from jaxnet.app.cli import main
 from jaxnet.export import serving_function
 from jaxnet.models import cnn, mlp
 
 DOC = pathlib.Path(__file__).parent.parent / "docs" / "export.md"
 REPO = pathlib.Path(__file__).parent.parent.resolve()
 
-# Loads an exported file with JAX alone: the repository and jaxnet's editable-install finder
-# are removed first, and the script checks that jaxnet cannot be imported.
-RELOAD = textwrap.dedent("""
+# The start of a script that must run without jaxnet: the repository (sys.argv[1]) and
+# jaxnet's editable-install finder are removed first, and it checks that jaxnet cannot be
+# imported.
+WITHOUT_JAXNET = textwrap.dedent("""
     import sys, pathlib
     repo = pathlib.Path(sys.argv[1]).resolve()
     sys.path[:] = [p for p in sys.path if p and pathlib.Path(p).resolve() != repo]
@@ -37,6 +40,10 @@ RELOAD = textwrap.dedent("""
         pass
     else:
         raise SystemExit("jaxnet was importable: " + str(jaxnet.__file__))
+""")
+
+# Loads an exported file (sys.argv[2]) with JAX alone and runs it on the inputs sys.argv[3:].
+RELOAD = WITHOUT_JAXNET + textwrap.dedent("""
     import jax, numpy as np
     exported = jax.export.deserialize(bytearray(open(sys.argv[2], "rb").read()))
     for name in sys.argv[3:]:
@@ -44,15 +51,20 @@ RELOAD = textwrap.dedent("""
 """)
 
 
+def run_without_jaxnet(cwd, script: str, *args) -> None:
+    """Runs ``script`` (starting with ``WITHOUT_JAXNET``) in a fresh Python process."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script, str(REPO), *map(str, args)],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def _reload_without_jaxnet(tmp_path, model, inputs):
     names = []
     for i, x in enumerate(inputs):
         names.append(str(tmp_path / f"x{i}.npy"))
         np.save(names[-1], x)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", RELOAD, str(REPO), str(model), *names],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_jaxnet(tmp_path, RELOAD, model, *names)
     return [np.load(name + ".out.npy") for name in names]
 
 
@@ -116,6 +128,21 @@ def test_an_existing_file_is_refused_unless_forced(tmp_path):
     assert target.read_bytes() == b"old"
     jn.export(net, params, (1, 3), output=target, force=True)
     assert target.read_bytes() != b"old"
+
+
+def test_a_bfloat16_forward_pass_exports_as_stablehlo_but_not_as_onnx(tmp_path, rng):
+    net = mlp((16,), 3)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    params = net.init(jax.random.key(0), x[:1])
+    path = jn.export(net, params, x[:1], output=tmp_path / "m", precision="bf16")
+    got = jax.export.deserialize(bytearray(path.read_bytes())).call(x)
+    np.testing.assert_allclose(got, jn.predict(net, params, x, precision="bf16"), atol=2e-2)
+    assert not np.allclose(got, jn.predict(net, params, x), atol=1e-6)  # bfloat16 compute
+    assert json.loads((tmp_path / "m.json").read_text())["precision"] == "bf16"
+    with pytest.raises(ValueError, match="format='onnx' needs float32 compute, but precision "
+                                         "bf16 computes in bfloat16"):
+        jn.export(net, params, x[:1], output=tmp_path / "m.onnx", format="onnx", precision="bf16")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_an_unknown_format_names_the_allowed_ones(tmp_path):
@@ -197,15 +224,29 @@ def test_an_onnx_export_names_the_layer_it_cannot_express(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_export_docs_python_examples_run(tmp_path, monkeypatch):
+def _run_shell_block(block: str) -> None:
+    """A ``sh`` block of ``jaxnet`` commands (comments after ``#``), each through the command's
+    entry point."""
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            assert words[0] == "jaxnet", f"docs/export.md runs only jaxnet commands: {line}"
+            assert main(words[1:]) == 0, line
+
+
+def test_the_export_docs_examples_run(tmp_path, monkeypatch):
     pytest.importorskip("jax2onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch")
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
-    assert len(blocks) >= 3
+    blocks = re.findall(r"```(python|sh)\n(.*?)```", DOC.read_text(), re.S)
+    languages = [language for language, _ in blocks]
+    assert languages.count("python") >= 4 and languages.count("sh") >= 1
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-        for block in blocks:  # as a user runs them, one after another
-            exec(compile(block, str(DOC), "exec"), namespace)
+        for language, block in blocks:  # as a user runs them, one after another
+            if language == "sh":
+                _run_shell_block(block)
+            else:
+                exec(compile(block, str(DOC), "exec"), namespace)

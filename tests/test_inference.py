@@ -217,3 +217,25 @@ def test_preprocess_must_keep_the_rows(setup):
     with pytest.raises(ValueError, match=r"preprocess must return one row per input row; given 1 "
                                          r"rows it returned shape \(2, 4, 3\)"):
         predict(net, params, x, preprocess=lambda c: np.concatenate([c, c]))
+
+
+def test_predict_takes_a_dict_of_inputs_in_chunks():
+    net = jn.serial(jn.route(image=jn.serial(jn.Flatten(), jn.Dense(6)), meta=jn.Dense(6)),
+                    jn.join("sum"), jn.Dense(3))
+    rng = np.random.default_rng(0)
+    x = {"image": rng.normal(size=(37, 4, 4)).astype(np.float32),
+         "meta": rng.normal(size=(37, 5)).astype(np.float32)}
+    params = net.init(jax.random.key(0), x)
+    expected = net.apply(params, x)
+    np.testing.assert_allclose(jn.predict(net, params, x, batch_size=16), expected, rtol=1e-5, atol=1e-6)
+    on_device = jn.predict(net, params, jax.tree.map(jnp.asarray, x), batch_size=16, proba=True)
+    np.testing.assert_allclose(on_device, jax.nn.softmax(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_refuses_inputs_of_different_lengths_naming_them():
+    net = jn.serial(jn.route(a=jn.Dense(2), b=jn.Dense(2)), jn.join())
+    x = {"a": np.zeros((5, 3), np.float32), "b": np.zeros((4, 3), np.float32)}
+    params = net.init(jax.random.key(0), jax.tree.map(lambda v: v[:1], x))
+    with pytest.raises(ValueError, match=r"predict: every input array needs the same number of "
+                                         r"rows; found x\['a'\] 5, x\['b'\] 4"):
+        jn.predict(net, params, x)

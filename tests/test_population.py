@@ -9,11 +9,12 @@ import jaxnet as jn
 from contract import assert_contract, f64, random_params
 from jaxnet import population, train
 from jaxnet.losses import softmax_cross_entropy
-from jaxnet.population import (Ensemble, Population, best_member, fit_population,
+from jaxnet.population import (Ensemble, Population, best_member, chosen_epochs, fit_population,
                                init_population, make_population_epoch, set_hyperparams)
 from support import blobs, count_compiles
 
 LRS = [3e-3, 1e-2, 3e-2]
+nan = float("nan")
 
 
 def small_mlp(drop_rate=0.0):
@@ -130,17 +131,23 @@ def test_a_diverging_member_leaves_the_others_alone(rng):
     net, opt = small_mlp(), adam()
     pop = init_population(net, opt, x[:1], seeds=[0, 0], hyperparams={"learning_rate": [1e-2, 1e30]})
     trained, history = fit_population(net, pop, opt, (x, y), epochs=3, batch_size=16,
-                                      eval_data=(x, y), progress=False)
+                                      eval_data=(x, y), validation_data=(x[:32], y[:32]),
+                                      progress=False)
     assert not np.isfinite(history[-1]["test_loss"][1])
+    assert not np.isfinite(history[-1]["val_loss"][1])
     assert history[-1]["test_accuracy"][0] > 0.9
     assert best_member(history) == 0
-    assert best_member(history, "test_loss") == 0
+    assert best_member(history, "val_accuracy") == 0
 
 
-def test_best_member_picks_the_highest_accuracy_and_lowest_loss():
-    history = [{"test_accuracy": [0.5, 0.9, 0.7], "test_loss": [0.3, 0.2, 0.1]}]
-    assert best_member(history) == 1
-    assert best_member(history, "test_loss") == 2
+def test_best_member_is_chosen_at_each_members_best_validation_epoch():
+    history = [{"epoch": 1, "val_accuracy": [0.5, 0.9, 0.9], "val_loss": [0.3, 0.2, 0.1]},
+               {"epoch": 2, "val_accuracy": [0.6, 0.8, 0.7], "val_loss": [0.05, 0.4, nan]}]
+    assert chosen_epochs(history) == [2, 1, 1]
+    assert best_member(history) == 0  # its epoch 2 has the lowest validation loss of all
+    assert best_member(history, "val_accuracy") == 1  # the first of two at 0.9
+    assert best_member(history, ("val_accuracy", "val_loss")) == 2  # the tie broken by the loss
+    assert chosen_epochs([{"epoch": 1, "val_loss": [nan, 0.1]}]) == [None, 1]
 
 
 def test_population_errors_name_the_argument(rng):
@@ -166,10 +173,12 @@ def test_population_errors_name_the_argument(rng):
         fit_population(net, uneven, opt, (x, y), epochs=1, batch_size=16, progress=False)
     with pytest.raises(ValueError, match="train_data: x has 32 examples but y has 31"):
         fit_population(net, pop, opt, (x, y[:31]), epochs=1, progress=False)
-    with pytest.raises(ValueError, match=r"no per-member 'test_accuracy' in the history \(has \['train_loss'\]\)"):
+    with pytest.raises(ValueError, match=r"no per-member 'val_loss' in the history \(has \['train_loss'\]\); pass validation_data"):
         best_member([{"train_loss": [0.1]}])
-    with pytest.raises(ValueError, match="every member's final test_loss is NaN"):
-        best_member([{"test_loss": [float("nan")]}], "test_loss")
+    with pytest.raises(ValueError, match="every member's val_loss is NaN or infinite"):
+        best_member([{"val_loss": [float("nan")]}])
+    with pytest.raises(ValueError, match="'test_accuracy' is a test metric; choose by validation"):
+        best_member([{"test_accuracy": [0.5]}], "test_accuracy")
     with pytest.raises(ValueError, match="Ensemble: members must be a positive integer, got 0"):
         Ensemble(small_mlp(), 0)
 

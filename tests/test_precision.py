@@ -1,8 +1,10 @@
-"""Mixed precision (jaxnet.precision): float32 params, bfloat16 compute, float32 logits and loss.
+"""Mixed precision (jaxnet.precision): float32 params, bfloat16 products, float32 logits and loss.
 
 References are NumPy float64 computations on the float32 params; bfloat16 has 8 significant
 bits, so a bfloat16 forward pass is compared with a tolerance of a few percent of the output's
-scale, and the float32 policy must give exactly the program without a policy.
+scale, and the float32 policy must give exactly the program without a policy. "bf16" rounds
+only the products' operands (tests/test_mixed_matmul.py checks its products layer by layer);
+"bf16-full" runs the whole forward pass in bfloat16.
 """
 
 import json
@@ -20,7 +22,7 @@ from jaxnet import train
 from jaxnet.app.cli import main
 from jaxnet.losses import softmax_cross_entropy
 from jaxnet.precision import POLICIES, Policy, apply_with_policy, get_policy
-from jaxnet.app.run import RunConfig
+from jaxnet.app.run import RunConfig, chosen_record
 
 BF16 = jnp.dtype(jnp.bfloat16)
 F32 = jnp.dtype(jnp.float32)
@@ -55,37 +57,49 @@ def ops_with_types(text: str, op: str) -> list[str]:
 
 def test_named_policies():
     assert get_policy("f32") == Policy(F32, F32, F32)
-    assert get_policy("bf16") == Policy(jnp.float32, jnp.bfloat16, jnp.float32)
+    assert get_policy("bf16") == Policy(F32, F32, F32, matmul_dtype=jnp.bfloat16)
+    assert get_policy("bf16").matmul_dtype == BF16 and get_policy("bf16").trainable
+    assert get_policy("bf16-full") == Policy(jnp.float32, jnp.bfloat16, jnp.float32)
     assert get_policy("f16").compute_dtype == jnp.float16 and not get_policy("f16").trainable
     assert get_policy(None) is None
     custom = Policy(compute_dtype=jnp.bfloat16, output_dtype=jnp.bfloat16)
     assert get_policy(custom) is custom
     assert [get_policy(name).name for name in POLICIES] == list(POLICIES)
     assert custom.name == "Policy(param=float32, compute=bfloat16, output=bfloat16)"
-    assert hash(get_policy("bf16")) == hash(Policy(jnp.float32, jnp.bfloat16, jnp.float32))
+    assert Policy(matmul_dtype=jnp.float16).name == (
+        "Policy(param=float32, compute=float32, output=float32, matmul=float16)")
+    assert not Policy(matmul_dtype=jnp.float16).trainable
+    assert hash(get_policy("bf16-full")) == hash(Policy(jnp.float32, jnp.bfloat16, jnp.float32))
 
 
 def test_unknown_policies_are_refused_with_the_known_names():
-    with pytest.raises(ValueError, match=r"unknown precision 'bfloat16'; choose one of f32, bf16, f16"):
+    with pytest.raises(ValueError, match=r"unknown precision 'bfloat16'; choose one of f32, bf16, "
+                                         r"bf16-full, f16"):
         get_policy("bfloat16")
-    with pytest.raises(TypeError, match=r"precision must be a policy name \(f32, bf16, f16\).*got float"):
+    with pytest.raises(TypeError, match=r"precision must be a policy name \(f32, bf16, bf16-full, "
+                                        r"f16\).*got float"):
         get_policy(16.0)
     with pytest.raises(TypeError, match="Policy: compute_dtype must be a floating dtype, got int32"):
         Policy(compute_dtype=jnp.int32)
+    with pytest.raises(TypeError, match="Policy: matmul_dtype must be a floating dtype, got int8"):
+        Policy(matmul_dtype=jnp.int8)
 
 
 def test_training_refuses_float16_and_unknown_names_before_any_work(key, rng):
     x, y = rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 5, 8).astype(np.int32)
     net = mlp()
     params = net.init(key, x[:1])
-    with pytest.raises(ValueError, match=r"fit: precision f16 \(float16 compute\) is for evaluation "
+    with pytest.raises(ValueError, match=r"fit: precision f16 \(float16\) is for evaluation "
                                          r"and prediction only.*train with precision 'bf16'"):
         train.fit(net, params, optax.sgd(0.1), (x, y), epochs=1, precision="f16", progress=False)
     with pytest.raises(ValueError, match="make_train_step: precision f16"):
         train.make_train_step(net, optax.sgd(0.1), precision="f16")
+    with pytest.raises(ValueError, match=r"make_train_step: precision Policy\(.*matmul=float16\) "
+                                         r"\(float16\) is for evaluation"):
+        train.make_train_step(net, optax.sgd(0.1), precision=Policy(matmul_dtype=jnp.float16))
     with pytest.raises(ValueError, match="unknown precision 'b16'"):
         train.fit(net, params, optax.sgd(0.1), (x, y), epochs=1, precision="b16", progress=False)
-    with pytest.raises(ValueError, match="precision must be one of f32, bf16; got 'f16'"):
+    with pytest.raises(ValueError, match="precision must be one of f32, bf16, bf16-full; got 'f16'"):
         RunConfig(precision="f16")
 
 
@@ -106,20 +120,23 @@ def test_integer_inputs_need_float32_compute(key):
     params = net.init(key, ids[:1])
     y, _ = apply_with_policy(net, get_policy("f32"), params, {}, ids)
     np.testing.assert_array_equal(y, net.apply(params, ids))
-    with pytest.raises(TypeError, match=r"precision bf16: the input is int32 of shape \(2, 2\); a "
-                                        r"bfloat16 forward pass needs floating inputs"):
-        apply_with_policy(net, get_policy("bf16"), params, {}, ids)
+    y16, _ = apply_with_policy(net, get_policy("bf16"), params, {}, ids)  # float32 compute
+    assert y16.dtype == F32 and np.abs(y16 - y).max() < 3e-2 * np.abs(y).max()
+    with pytest.raises(TypeError, match=r"precision bf16-full: the input is int32 of shape "
+                                        r"\(2, 2\); a bfloat16 forward pass needs floating inputs"):
+        apply_with_policy(net, get_policy("bf16-full"), params, {}, ids)
 
 
 # ---- forward pass: values and dtypes ------------------------------------------------------
 
-def test_bf16_forward_is_within_bf16_tolerance_of_a_float64_reference(rng):
+@pytest.mark.parametrize("precision", ["bf16", "bf16-full"])
+def test_bf16_forward_is_within_bf16_tolerance_of_a_float64_reference(rng, precision):
     net = mlp()
     x = jnp.asarray(rng.normal(size=(256, 20)), jnp.float32)
     params = random_params(net, x[:1], rng)
     reference = mlp_reference(params, x)
     scale = np.abs(reference).max()
-    y16, _ = jax.jit(lambda p, v: apply_with_policy(net, get_policy("bf16"), p, {}, v))(params, x)
+    y16, _ = jax.jit(lambda p, v: apply_with_policy(net, get_policy(precision), p, {}, v))(params, x)
     y32, _ = jax.jit(lambda p, v: apply_with_policy(net, get_policy("f32"), p, {}, v))(params, x)
     assert y16.dtype == F32 and y32.dtype == F32
     error16 = np.abs(np.asarray(y16, np.float64) - reference).max() / scale
@@ -129,13 +146,14 @@ def test_bf16_forward_is_within_bf16_tolerance_of_a_float64_reference(rng):
     assert error16 > 30 * error32  # it really ran in bfloat16
 
 
-def test_bf16_train_step_runs_its_dots_in_bf16_and_its_loss_in_f32(key, rng):
+def test_bf16_full_train_step_runs_its_dots_in_bf16_and_its_loss_in_f32(key, rng):
     net = jn.serial(jn.Flatten(), jn.Dense(32), jn.relu, jn.Dropout(0.1), jn.Dense(5))
     x = jnp.asarray(rng.normal(size=(16, 4, 5)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 5, 16), jnp.int32)
     params = net.init(key, x[:1])
     state = train.init_train_state(net, optax.adam(1e-3), params)
-    text = train.make_train_step(net, optax.adam(1e-3), precision="bf16").lower(state, x, y).as_text()
+    text = train.make_train_step(net, optax.adam(1e-3), precision="bf16-full").lower(
+        state, x, y).as_text()
     dots = ops_with_types(text, "dot_general")
     assert len(dots) == 5  # 2 forward, 2 weight gradients, 1 input gradient (of dense_2)
     for signature in dots:  # (tensor<16x20xbf16>, tensor<20x32xbf16>) -> tensor<16x32xbf16>
@@ -143,7 +161,7 @@ def test_bf16_train_step_runs_its_dots_in_bf16_and_its_loss_in_f32(key, rng):
     exps = ops_with_types(text, "exponential")  # the softmax inside the loss
     assert exps and all(s.endswith("f32>") for s in exps), exps
 
-    step = train.make_train_step(net, optax.adam(1e-3), precision="bf16")
+    step = train.make_train_step(net, optax.adam(1e-3), precision="bf16-full")
     new, metrics = step(state, x, y)
     assert {leaf.dtype for leaf in jax.tree.leaves(new.params)} == {F32}
     float_opt = {leaf.dtype for leaf in jax.tree.leaves(new.opt_state)
@@ -164,16 +182,22 @@ def equations(jaxpr):
                     yield from equations(sub)
 
 
-def test_intermediate_activations_are_bf16_and_logits_f32(rng):
+@pytest.mark.parametrize("precision, activations", [("bf16-full", BF16), ("bf16", F32)])
+def test_intermediate_activations_and_logits(rng, precision, activations):
+    """"bf16-full": bfloat16 activations; "bf16": float32 ones (only the products' operands
+    are rounded); float32 logits either way."""
     net = mlp()
     x = jnp.asarray(rng.normal(size=(4, 20)), jnp.float32)
     params = random_params(net, x[:1], rng)
-    closed = jax.make_jaxpr(lambda p, v: apply_with_policy(net, get_policy("bf16"), p, {}, v)[0])(
-        params, x)
+    closed = jax.make_jaxpr(lambda p, v: apply_with_policy(net, get_policy(precision), p, {},
+                                                           v)[0])(params, x)
     out_dtypes = lambda name: [v.aval.dtype for e in equations(closed.jaxpr)
                                if e.primitive.name == name for v in e.outvars]
-    assert out_dtypes("dot_general") == [BF16] * 3  # the three Dense layers
-    assert out_dtypes("max") == [BF16] * 2  # the two ReLUs
+    in_dtypes = lambda name: [v.aval.dtype for e in equations(closed.jaxpr)
+                              if e.primitive.name == name for v in e.invars]
+    assert out_dtypes("dot_general") == [activations] * 3  # the three Dense layers
+    assert in_dtypes("dot_general") == [BF16] * 6
+    assert out_dtypes("max") == [activations] * 2  # the two ReLUs
     assert closed.out_avals[0].dtype == F32  # the logits
 
 
@@ -194,7 +218,7 @@ def test_f32_policy_compiles_to_exactly_the_program_without_a_policy(key, rng):
 
     assert step_text("f32") == step_text(None)
     assert epoch_text("f32") == epoch_text(None)
-    assert step_text("bf16") != step_text(None)
+    assert step_text("bf16") != step_text(None) and step_text("bf16-full") != step_text(None)
 
 
 # ---- gradients ------------------------------------------------------------------------------
@@ -206,7 +230,8 @@ def loss_fn(net, precision, x, y):
     return loss
 
 
-def test_bf16_gradients_are_f32_and_close_to_the_f32_gradients(rng):
+@pytest.mark.parametrize("precision", ["bf16", "bf16-full"])
+def test_bf16_gradients_are_f32_and_close_to_the_f32_gradients(rng, precision):
     """The last layer's gradients differ by bfloat16 rounding (<1%); deeper ones by a few
     percent, mostly because ReLU masks flip where a pre-activation lies within bfloat16
     rounding of zero, which with random labels is a visible share of a small mean gradient."""
@@ -214,7 +239,7 @@ def test_bf16_gradients_are_f32_and_close_to_the_f32_gradients(rng):
     x = jnp.asarray(rng.normal(size=(256, 20)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 5, 256), jnp.int32)
     params = random_params(net, x[:1], rng)
-    g16 = jax.jit(jax.grad(loss_fn(net, "bf16", x, y)))(params)
+    g16 = jax.jit(jax.grad(loss_fn(net, precision, x, y)))(params)
     g32 = jax.jit(jax.grad(loss_fn(net, "f32", x, y)))(params)
     for name in ("dense_1", "dense_2", "dense_3"):
         for leaf in ("w", "b"):
@@ -224,7 +249,8 @@ def test_bf16_gradients_are_f32_and_close_to_the_f32_gradients(rng):
             assert np.linalg.norm(a - b) <= bound * np.linalg.norm(b), (name, leaf)
 
 
-def test_bf16_conv_gradients_are_close_to_f32(key, rng):
+@pytest.mark.parametrize("precision", ["bf16", "bf16-full"])
+def test_bf16_conv_gradients_are_close_to_f32(key, rng, precision):
     """Conv's canonical-gradient custom VJP and block max-pooling also run in bfloat16."""
     net = jn.serial(jn.Conv2D(4, 3), jn.relu, jn.MaxPool((2, 2)), jn.Flatten(), jn.Dense(3))
     x = jnp.asarray(rng.normal(size=(8, 6, 6, 2)), jnp.float32)
@@ -237,7 +263,7 @@ def test_bf16_conv_gradients_are_close_to_f32(key, rng):
             return softmax_cross_entropy(logits, y).mean()
         return jax.jit(jax.grad(loss))(params)
 
-    g16, g32 = grads("bf16"), grads("f32")
+    g16, g32 = grads(precision), grads("f32")
     for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
         assert a.dtype == F32
         assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 5e-2 * np.linalg.norm(b)
@@ -326,9 +352,10 @@ def test_cli_trains_and_evaluates_a_bf16_run(tmp_path, capsys):
                  "--out", str(out)]) == 0
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["precision"] == "bf16"
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    chosen = chosen_record([json.loads(line) for line in
+                            (out / "metrics.jsonl").read_text().splitlines()])
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
-    assert f"accuracy {last['test_accuracy']:.2%}" in capsys.readouterr().out
+    assert f"accuracy {chosen['test_accuracy']:.2%}" in capsys.readouterr().out
     assert main(["train", "--precision", "f16", "--out", str(tmp_path / "f16")]) == 2
-    assert "invalid choice: 'f16' (choose from 'f32', 'bf16')" in capsys.readouterr().err
+    assert "invalid choice: 'f16' (choose from 'f32', 'bf16', 'bf16-full')" in capsys.readouterr().err

@@ -157,15 +157,10 @@ def test_a_recurrent_network_runs_in_serial_with_a_summary(rng):
 
 # ---- PyTorch -----------------------------------------------------------------------------
 
-def load_torch(module, params, suffix=""):
-    """Copies our params into a torch RNN module: weights transposed, both biases as they are."""
-    import torch
-    with torch.no_grad():
-        for ours, theirs in (("input", "ih"), ("hidden", "hh")):
-            getattr(module, f"weight_{theirs}_l0{suffix}").copy_(
-                torch.tensor(np.asarray(params[ours]["w"], np.float64).T))
-            getattr(module, f"bias_{theirs}_l0{suffix}").copy_(
-                torch.tensor(np.asarray(params[ours]["b"], np.float64)))
+def load_torch(module, net, params, x):
+    """Loads our params into a torch RNN module through jaxnet.to_torch's weights (weights
+    transposed, both biases as they are, a Bidirectional's backward ones as ``*_reverse``)."""
+    module.load_state_dict(jn.to_torch(net, params, example=x[:1]).state_dict())
 
 
 def torch_module(name, bidirectional=False):
@@ -191,7 +186,7 @@ def test_each_cell_matches_torch_with_the_same_weights_and_initial_state(rng, na
     module, cell = torch_module(name), CELLS[name](HIDDEN)
     x = normal(rng, (BATCH, TIME, FEATURES))
     params = params_for(jn.Recurrent(cell), x, rng)
-    load_torch(module, params)
+    load_torch(module, jn.Recurrent(cell), params, x)
     h0, c0 = normal(rng, (BATCH, HIDDEN)), normal(rng, (BATCH, HIDDEN))
     initial = state_of(cell, h0, c0)
     torch_initial = jax.tree.map(lambda s: torch.tensor(np.asarray(s, np.float64)[None]), initial)
@@ -209,8 +204,7 @@ def test_bidirectional_matches_torch_bidirectional_on_padded_packed_sequences(rn
     net = jn.Bidirectional(jn.Recurrent(CELLS[name](HIDDEN), return_state=True))
     x = normal(rng, (BATCH, TIME, FEATURES))
     params = params_for(net, x, rng)
-    load_torch(module, params["forward"])
-    load_torch(module, params["backward"], "_reverse")
+    load_torch(module, net, params, x)
     lengths = [7, 3, 1, 5, 2, 6]  # torch cannot pack empty sequences
     packed = torch.nn.utils.rnn.pack_padded_sequence(
         torch.tensor(np.asarray(x, np.float64)), torch.tensor(lengths), batch_first=True,

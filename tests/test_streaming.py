@@ -224,6 +224,10 @@ def test_what_streams():
     assert not streaming.is_streaming([x, y])
     assert streaming.is_streaming([(x, y), (x, y)])
     assert streaming.is_streaming(iter([(x, y)]))
+    # pytrees: an (x, y) pair whose x is a tuple or dict of arrays stays one resident pair
+    assert not streaming.is_streaming(((x, x), y)) and not streaming.is_streaming(({"a": x}, y))
+    assert streaming.is_streaming([({"a": x}, y), ({"a": x}, y)])
+    assert not streaming.is_streaming({"x": x, "y": y})
     view = np.frombuffer(memoryview(b"\0" * 8), np.uint8)
     assert not streaming.is_memmap(view)
 

@@ -280,3 +280,38 @@ def test_fit_trains_per_token_labels_with_padding(key):
     logits = net.apply(state.params, x)
     changed = logits.at[:, 4:].set(0.0)  # padded steps' outputs count for nothing
     np.testing.assert_allclose(token_cross_entropy(changed, labels), token_cross_entropy(logits, labels))
+
+
+def test_augment_applies_to_training_batches_only(key, rng):
+    """A deterministic augment (a shift) equals training on shifted data; validation sees the
+    data as given."""
+    x, y = blobs(rng, n=120)
+    net = jn.serial(jn.Dense(8), jn.relu, jn.Dense(3))
+    params = net.init(key, x)
+    common = dict(epochs=2, batch_size=32, key=jax.random.key(3), validation_data=(x, y))
+    shifted, history = jn.fit(net, params, optax.adam(1e-2), (x, y),
+                              augment=lambda k, batch: batch + 1.5, **common)
+    plain, _ = jn.fit(net, params, optax.adam(1e-2), (x + 1.5, y), **common)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                 shifted.params, plain.params)
+    on_validation = jn.evaluate(net, shifted.params, (x, y))
+    np.testing.assert_allclose(history[-1]["val_loss"], on_validation["loss"], rtol=1e-5)
+
+
+def test_random_augment_draws_a_new_key_every_step_reproducibly(key, rng):
+    x, y = blobs(rng, n=64)
+    net = jn.serial(jn.Dense(8), jn.relu, jn.Dense(3))
+    params = net.init(key, x)
+    seen = []
+
+    def noise(k, batch):
+        jax.debug.callback(lambda v: seen.append(np.asarray(v)), jax.random.key_data(k))
+        return batch + 0.1 * jax.random.normal(k, batch.shape)
+
+    runs = [jn.fit(net, params, optax.sgd(0.1), (x, y), epochs=1, batch_size=16,
+                   key=jax.random.key(5), augment=noise)[0] for _ in range(2)]
+    jax.tree.map(np.testing.assert_array_equal, runs[0].params, runs[1].params)
+    assert len(seen) == 8 and len({v.tobytes() for v in seen[:4]}) == 4  # 4 steps, 4 keys
+    unaugmented, _ = jn.fit(net, params, optax.sgd(0.1), (x, y), epochs=1, batch_size=16,
+                            key=jax.random.key(5))
+    assert not np.allclose(runs[0].params["dense_1"]["w"], unaugmented.params["dense_1"]["w"])

@@ -157,10 +157,9 @@ def test_conv_transpose_matches_torch_with_the_same_weights(case, use_bias, rng)
         channels, features, kernel, stride=strides, padding=torch_padding, output_padding=output_padding,
         bias=use_bias)
     ndim = len(spatial)
-    with torch.no_grad():  # torch (in, out, *kernel) is ours (*kernel, in, out): no spatial flip
-        torch_layer.weight.copy_(torch.tensor(np.moveaxis(np.asarray(params["w"]), (-2, -1), (0, 1))))
-        if use_bias:
-            torch_layer.bias.copy_(torch.tensor(np.asarray(params["b"])))
+    # to_torch's weight is torch's (in, out, *kernel), ours (*kernel, in, out) moved: no spatial flip
+    torch_layer.load_state_dict(jn.to_torch(layer, params, example=x[:1]).state_dict())
+    with torch.no_grad():
         expected = torch_layer(torch.tensor(np.moveaxis(np.asarray(x), -1, 1))).numpy()
     y = layer.apply(params, x)
     np.testing.assert_allclose(y, np.moveaxis(expected, 1, -1), **TOL)

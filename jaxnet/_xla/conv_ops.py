@@ -5,10 +5,13 @@ spatial-in-out kernel). Outside loops it rewrites the convolutions that ``jax.gr
 that form; inside a ``while`` loop (``lax.scan``, so inside ``fit``'s epoch) it does not, and the
 weight and input gradients run on a generic path that is an order of magnitude slower
 (docs/performance.md, finding 2). ``conv`` therefore writes both gradients as canonical
-convolutions itself (the standard transposed-convolution identities), giving the same numbers.
+convolutions itself (the standard transposed-convolution identities), giving the same numbers;
+an input dilation (``ConvTranspose``) is handled by the same identities. With an
+``operand_dtype`` (bfloat16 under the ``"bf16"`` precision policy) the convolution and both of
+its gradients round their operands to it and accumulate in float32 (``jaxnet._xla.mixed``).
 A ``custom_vjp`` has no forward mode, and JAX cannot transpose one inside a custom JVP rule, so
-``Conv`` uses it only when the caller promises reverse mode (``reverse_only=True``, as ``fit``
-does) and plain ``lax`` otherwise.
+``Conv`` and ``ConvTranspose`` use it only when the caller promises reverse mode
+(``reverse_only=True``, as ``fit`` does) and :func:`product` (plain ``lax``) otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnet._xla import mixed
+
 Pads = tuple[tuple[int, int], ...]
 
 
@@ -30,60 +35,97 @@ def dimension_numbers(ndim: int) -> tuple[str, str, str]:
     return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def conv(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: Pads,
-         dilation: tuple[int, ...]) -> jax.Array:
+         dilation: tuple[int, ...], operand_dtype=None,
+         lhs_dilation: tuple[int, ...] | None = None) -> jax.Array:
     """``lax.conv_general_dilated`` on ``x (N, *spatial, Cin)``, ``w (*kernel, Cin, Cout)``.
 
     Args:
-      strides, dilation: one per spatial axis; pads: explicit ``(low, high)`` per spatial axis.
+      strides, dilation: one per spatial axis; pads: explicit ``(low, high)`` per spatial axis
+        (negative: cropped).
+      operand_dtype: when not ``None`` (bfloat16), the convolution and both gradient
+        convolutions round their operands to it and accumulate in float32 (``mixed``).
+      lhs_dilation: the input's dilation per spatial axis (``ConvTranspose``'s strides);
+        ``None``: none.
 
     Returns:
-      ``(N, *out_spatial, Cout)``; reverse-mode gradients are computed by canonical
-      convolutions. Being a ``custom_vjp``, it supports reverse mode only.
+      ``(N, *out_spatial, Cout)`` in ``x``'s dtype; reverse-mode gradients are computed by
+      canonical convolutions. Being a ``custom_vjp``, it supports reverse mode only.
     """
-    return _lax_conv(x, w, strides, pads, dilation)
+    return mixed.product(_geometry(strides, pads, dilation, lhs_dilation), x, w,
+                         operand_dtype).astype(jnp.result_type(x, w))
 
 
-def _lax_conv(x, w, strides, pads, dilation):
-    return lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation,
-                                    dimension_numbers=dimension_numbers(w.ndim - 2))
+def _lax_conv(x, w, strides, pads, dilation, preferred_element_type=None, lhs_dilation=None,
+              feature_group_count=1):
+    """Channels-last ``lax.conv_general_dilated``; ``pads`` a string or ``(low, high)`` pairs."""
+    return lax.conv_general_dilated(x, w, strides, pads, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=dilation,
+                                    dimension_numbers=dimension_numbers(w.ndim - 2),
+                                    feature_group_count=feature_group_count,
+                                    preferred_element_type=preferred_element_type)
 
 
-def _conv_fwd(x, w, strides, pads, dilation):
-    return _lax_conv(x, w, strides, pads, dilation), (x, w)
+def _geometry(strides, pads, dilation, lhs_dilation=None,
+              feature_group_count=1) -> mixed.Product:
+    """The convolution ``(x, w, preferred_element_type) -> y`` with this geometry."""
+    return lambda x, w, preferred: _lax_conv(x, w, strides, pads, dilation, preferred,
+                                             lhs_dilation, feature_group_count)
 
 
-def _conv_bwd(strides, pads, dilation, residuals, g):
-    x, w = residuals
+def product(x: jax.Array, w: jax.Array, strides: tuple[int, ...], padding,
+            dilation: tuple[int, ...], operand_dtype=None, *,
+            lhs_dilation: tuple[int, ...] | None = None,
+            feature_group_count: int = 1) -> jax.Array:
+    """``lax.conv_general_dilated`` (channels last, ``padding`` a string or pairs), differentiable
+    in every mode; with ``operand_dtype``, on rounded operands accumulated in float32, with the
+    derivatives of the float32 convolution of the rounded values (``mixed.straight_through``)."""
+    op = _geometry(strides, padding, dilation, lhs_dilation, feature_group_count)
+    if operand_dtype is None:
+        return op(x, w, None)
+    return mixed.straight_through(op, x, w, operand_dtype)
+
+
+def _conv_fwd(x, w, strides, pads, dilation, operand_dtype, lhs_dilation):
+    return conv(x, w, strides, pads, dilation, operand_dtype, lhs_dilation), (x, w)
+
+
+def _conv_bwd(strides, pads, dilation, operand_dtype, lhs_dilation, residuals, g):
+    """JAX's transposes of a convolution (``lax``'s conv VJP rules), written as canonical
+    convolutions: the input dilation becomes the input gradient's window strides and the kernel
+    gradient's input dilation."""
+    x, w = residuals  # the unrounded operands: the gradients take their dtypes
     ndim = w.ndim - 2
-    numbers = dimension_numbers(ndim)
+    lhs_dilation = lhs_dilation or (1,) * ndim
     dilated = [(k - 1) * d + 1 for k, d in zip(w.shape[:ndim], dilation)]
-    # rows of the padded input that the last window does not reach
-    unused = [(size + lo + hi - k) % s for size, (lo, hi), k, s in
-              zip(x.shape[1:-1], pads, dilated, strides)]
+    # rows of the padded (dilated) input that the last window does not reach
+    unused = [((size - 1) * ld + 1 + lo + hi - k) % s for size, ld, (lo, hi), k, s in
+              zip(x.shape[1:-1], lhs_dilation, pads, dilated, strides)]
     # input gradient: g dilated by the strides, convolved with the flipped, in/out-swapped kernel
     flipped = jnp.swapaxes(jnp.flip(w, tuple(range(ndim))), -1, -2)
-    dx = lax.conv_general_dilated(
-        g, flipped, (1,) * ndim,
-        [(k - 1 - lo, k - 1 - hi + r) for k, (lo, hi), r in zip(dilated, pads, unused)],
-        lhs_dilation=strides, rhs_dilation=dilation, dimension_numbers=numbers)
+    input_grad = _geometry(lhs_dilation, [(k - 1 - lo, k - 1 - hi + r) for k, (lo, hi), r in
+                                          zip(dilated, pads, unused)], dilation, strides)
+    dx = mixed.product(input_grad, g, flipped, operand_dtype)
     # kernel gradient: channels as the batch, examples as the contracted features
-    weight_grad = functools.partial(_weight_grad, dilation=dilation, numbers=numbers, pads=[
-        (lo, hi - r) for (lo, hi), r in zip(pads, unused)], strides=strides)
+    weight_grad = functools.partial(
+        _weight_grad, dilation=dilation, operand_dtype=operand_dtype,
+        pads=[(lo, hi - r) for (lo, hi), r in zip(pads, unused)], strides=strides,
+        lhs_dilation=lhs_dilation)
     chunked = lambda x, g: sum(weight_grad(x[rows], g[rows]) for rows in example_chunks(
         x.shape[0], math.prod(g.shape[1:-1]), CHUNK_POSITIONS))
     dw = lax.platform_dependent(x, g, cpu=chunked, default=weight_grad)
-    return dx, dw
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-def _weight_grad(x, g, *, dilation, numbers, pads, strides):
+def _weight_grad(x, g, *, dilation, pads, strides, lhs_dilation, operand_dtype):
     """``(*kernel, Cin, Cout)`` gradient of the kernel from ``x (N, *spatial, Cin)`` and the
-    output gradient ``g (N, *out_spatial, Cout)``, as one canonical convolution."""
-    x_t = jnp.moveaxis(x, (0, -1), (-1, 0))  # (Cin, *spatial, N)
-    g_t = jnp.moveaxis(g, 0, -2)             # (*out_spatial, N, Cout)
-    dw = lax.conv_general_dilated(x_t, g_t, dilation, pads, rhs_dilation=strides,
-                                  dimension_numbers=numbers)  # (Cin, *kernel, Cout)
+    output gradient ``g (N, *out_spatial, Cout)``, as one canonical convolution (in float32
+    when ``operand_dtype`` rounds the operands)."""
+    x_t = jnp.moveaxis(mixed.rounded(x, operand_dtype), (0, -1), (-1, 0))  # (Cin, *spatial, N)
+    g_t = jnp.moveaxis(mixed.rounded(g, operand_dtype), 0, -2)             # (*out_spatial, N, Cout)
+    dw = mixed.product(_geometry(dilation, pads, strides, lhs_dilation), x_t, g_t,
+                       operand_dtype)  # (Cin, *kernel, Cout)
     return jnp.moveaxis(dw, 0, -2)
 
 

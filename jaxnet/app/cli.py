@@ -1,4 +1,5 @@
-"""The ``jaxnet`` command: ``train``, ``eval``, ``predict``, ``generate``, ``sweep``, ``summary``.
+"""The ``jaxnet`` command: ``train``, ``eval``, ``predict``, ``export``, ``generate``, ``sweep``,
+``summary``.
 
 (Benchmarks are not part of the package; they run with ``python benchmarks/run.py``.)
 
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+from jaxnet.app.export_cmd import add_parser as add_export_parser, cmd_export
 
 if TYPE_CHECKING:
     from jaxnet.app.run import RunConfig
@@ -71,8 +74,12 @@ _HELP = {  # options that several commands share
     "schedule": "cosine: the learning rate decays to 0 over the run",
     "seed": "seed of the initial parameters, the shuffling and dropout",
     "standardize": "feed raw inputs (pixels in [0, 1]) instead of standardised ones",
-    "precision": "bf16: float32 params and loss, bfloat16 forward pass",
+    "precision": "bf16: bfloat16 operands in matrix products, everything else float32; "
+                 "bf16-full: the whole forward pass in bfloat16",
     "progress": "no progress bar (nor, when stderr is not a terminal, one line per epoch)",
+    "validation_split": "fraction of the training set held out (a fixed choice of rows) to "
+                        "choose the epoch (train) or member (sweep) on; the test set measures "
+                        "only the chosen one. 0: none, the last epoch is kept",
 }
 
 
@@ -114,6 +121,15 @@ def _add_model_options(parser: argparse.ArgumentParser, defaults, drop_rate: boo
                            "layer)", type=float, metavar="P")
 
 
+def _add_task_option(parser: argparse.ArgumentParser, defaults) -> None:
+    from jaxnet.data import TASKS
+
+    _add_config_option(parser, "--task", defaults.task,
+                       "what --data FILE.npz's y arrays hold: integer class labels, or numeric "
+                       "regression targets (n,) or (n, outputs), trained with the mean squared "
+                       "error", choices=TASKS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``jaxnet`` command line: one subparser per command."""
     from jaxnet.precision import TRAINING_PRECISIONS
@@ -127,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a network and write a run directory")
     _add_model_options(train, defaults)
+    _add_task_option(train, defaults)
     _add_config_option(train, "--init-scale", defaults.init_scale,
                        "factor on every initial parameter", type=float, metavar="S")
     _add_config_option(train, "--epochs", defaults.epochs, _HELP["epochs"], type=int, metavar="N")
@@ -153,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=TRAINING_PRECISIONS)
     _add_config_option(train, "--devices", "all local devices",
                        "train data-parallel on N devices of each process", type=int, metavar="N")
+    _add_config_option(train, "--validation-split", defaults.validation_split,
+                       _HELP["validation_split"], type=float, metavar="F")
+    _add_config_option(train, "--patience", defaults.patience,
+                       "stop after N epochs without a lower validation loss; 0: never",
+                       type=int, metavar="N")
     cluster = train.add_argument_group(
         "several processes", "one process per host, see docs/scaling.md; the flags may also come "
         "from JAXNET_COORDINATOR, JAXNET_NUM_PROCESSES, JAXNET_PROCESS_ID")
@@ -187,13 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", type=Path, required=True, metavar="X.npy",
                          help="the inputs, a .npy file (memory-mapped)")
     predict.add_argument("--output", type=Path, required=True, metavar="P.npy",
-                         help="(n, classes) float32; written only when complete")
+                         help="(n, classes) float32 (a regression run: (n, outputs)); "
+                              "written only when complete")
     predict.add_argument("--proba", action="store_true",
                          help="write probabilities (softmax) instead of logits")
     predict.add_argument("--batch-size", type=int, default=8192, metavar="N",
                          help="inputs per compiled call (default: 8192)")
     predict.add_argument("--no-progress", dest="progress", action="store_false",
                          help="no progress bar")
+
+    add_export_parser(commands)
 
     generate = commands.add_parser(
         "generate", help="sample text from a language model run (--dataset text)",
@@ -232,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=SCHEDULES)
     _add_config_option(sweep, "--precision", defaults.precision, _HELP["precision"],
                        choices=TRAINING_PRECISIONS)
+    _add_config_option(sweep, "--validation-split", defaults.validation_split,
+                       _HELP["validation_split"] + " (a sweep needs one)", type=float, metavar="F")
     sweep.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                        help=_HELP["standardize"])
     sweep.add_argument("--shared-order", action="store_true",
@@ -249,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR",
                          help="a run directory; without it, the model the options describe")
     _add_model_options(summary, defaults)
+    _add_task_option(summary, defaults)
 
     return parser
 
@@ -257,7 +285,10 @@ def _config_from(args) -> "RunConfig":
     from jaxnet.app.run import RunConfig
 
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "data" in values and "dataset" not in values:  # --data FILE.npz says --dataset npz
+        values["dataset"] = "npz"
+    return RunConfig(**values)
 
 
 def _new_run_dir(args, config) -> Path:
@@ -322,8 +353,9 @@ def _given_options(args) -> list[str]:
 
 def cmd_train(args, console: Console) -> None:
     from jaxnet import data_parallel
-    from jaxnet.app.run import read_config, train
+    from jaxnet.app.run import chosen_record, read_config, train
     from jaxnet.app.rundir import LOCK_FILE, RUN_FILES, RunLock, prepare_new, remove_leftovers
+    from jaxnet.run_manifest import MANIFEST_FILE
 
     # Before anything starts JAX's backends; a no-op without cluster flags or variables.
     data_parallel.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -338,7 +370,7 @@ def cmd_train(args, console: Console) -> None:
         out = _new_run_dir(args, config) if main_process else None
     start = time.perf_counter()
     guard = _RemovedIfUnused(None if args.resume is not None else out,
-                             ("config.json", "metrics.jsonl", LOCK_FILE))
+                             ("config.json", "metrics.jsonl", MANIFEST_FILE, LOCK_FILE))
     # Only the process that writes locks; held until the run ends (the OS drops it on a kill).
     # On a refusal, the guard removes the .lock and directories this command made.
     with RunLock(out) if out is not None and main_process else contextlib.nullcontext(), guard:
@@ -351,25 +383,39 @@ def cmd_train(args, console: Console) -> None:
                                        resume=args.resume is not None)
     if not main_process:
         return
-    last = history[-1]
+    last, epochs = chosen_record(history), history[-1]["epoch"]
+    timing = (f"after {epochs} epochs ({time.perf_counter() - start:.1f} s, compile "
+              f"{history[0]['compile_seconds']:.1f} s); {_selection(config, history, last)}")
     if config.dataset == "text":
         console.print(
             f"[bold]{config.model}[/bold] on [bold]text[/bold]: test bits per character "
             f"[bold green]{last['test_bits_per_char']:.3f}[/bold green] (train "
             f"{last['train_bits_per_char']:.3f}), test accuracy {last['test_accuracy']:.2%} "
-            f"after {config.epochs} epochs ({time.perf_counter() - start:.1f} s, compile "
-            f"{history[0]['compile_seconds']:.1f} s)", highlight=False)
+            f"{timing}", highlight=False)
         console.print(f"results: {out}/ (config.json with the vocabulary, metrics.jsonl, "
                       f"params.safetensors, curves.png); jaxnet generate {out} --prompt TEXT",
                       highlight=False)
         return
-    console.print(
-        f"[bold]{config.model}[/bold] on [bold]{dataset.name}[/bold]: test accuracy "
-        f"[bold green]{last['test_accuracy']:.2%}[/bold green], test loss {last['test_loss']:.4f} "
-        f"after {config.epochs} epochs ({time.perf_counter() - start:.1f} s, compile "
-        f"{history[0]['compile_seconds']:.1f} s)")
+    score = (f"test MSE [bold green]{last['test_loss']:.4g}[/bold green], MAE "
+             f"{last['test_mae']:.4g}" if config.task == "regression" else
+             f"test accuracy [bold green]{last['test_accuracy']:.2%}[/bold green], test loss "
+             f"{last['test_loss']:.4f}")
+    console.print(f"[bold]{config.model}[/bold] on [bold]{dataset.name}[/bold]: {score} {timing}",
+                  highlight=False)
     files = "config.json, metrics.jsonl, params.safetensors, curves.png"
     console.print(f"results: {out}/ ({files}{', checkpoints/' if config.checkpoint_every else ''})")
+
+
+def _selection(config: "RunConfig", history: list[dict], chosen: dict) -> str:
+    """Which epoch's params the run kept, and how it was chosen."""
+    if not config.validation_split:
+        return ("kept the last epoch (--validation-split 0: no validation, the test metrics "
+                "chose nothing)")
+    accuracy = (f", accuracy {chosen['val_accuracy']:.2%}" if "val_accuracy" in chosen else "")
+    stopped = (f", stopped early (--patience {config.patience})"
+               if history[-1]["epoch"] < config.epochs else "")
+    return (f"kept epoch {chosen['epoch']}, chosen by its validation loss "
+            f"{chosen['val_loss']:.4f}{accuracy}{stopped}")
 
 
 def cmd_eval(args, console: Console) -> None:
@@ -385,6 +431,9 @@ def cmd_eval(args, console: Console) -> None:
     if config.dataset == "text":
         _eval_text(args.run_dir, config, net, params, dataset, console)
         return
+    if config.task == "regression":
+        _eval_regression(args.run_dir, config, net, params, dataset, console)
+        return
     labels = jnp.asarray(dataset.y_test)
     logits = jnp.asarray(predict(net, params, dataset.x_test,  # one pass, in fixed-size chunks
                                  precision=config.precision))
@@ -399,6 +448,19 @@ def cmd_eval(args, console: Console) -> None:
     for c, row in enumerate(matrix.tolist()):
         table.add_row(str(c), *map(str, row))
     console.print(table)
+
+
+def _eval_regression(run_dir, config, net, params, dataset, console: Console) -> None:
+    import numpy as np
+
+    from jaxnet.inference import predict
+
+    errors = predict(net, params, dataset.x_test, precision=config.precision) - dataset.y_test
+    console.print(f"{run_dir}: {config.model} on {dataset.name}, {len(dataset.x_test)} test "
+                  f"examples, {dataset.num_classes} target{'s' * (dataset.num_classes != 1)} "
+                  f"each: mean squared error "
+                  f"{float(np.mean(np.square(errors, dtype=np.float64))):.4g}, mean absolute "
+                  f"error {float(np.mean(np.abs(errors), dtype=np.float64)):.4g}", highlight=False)
 
 
 def _eval_text(run_dir, config, net, params, dataset, console: Console) -> None:
@@ -434,6 +496,9 @@ def cmd_predict(args, console: Console) -> None:
     if config.dataset == "text":
         raise UsageError(f"{args.run_dir} is a language model (--dataset text); use jaxnet "
                          "generate")
+    if args.proba and config.task == "regression":
+        raise UsageError(f"--proba: {args.run_dir} is a regression run (--task regression); "
+                         "its outputs are the predicted values, not class scores")
     x = open_npy(args.input)
     try:
         preprocess = run_preprocess(record["data"], x.shape, x.dtype)
@@ -443,7 +508,8 @@ def cmd_predict(args, console: Console) -> None:
     start = time.perf_counter()
     predict_to_file(net, params, x, args.output, batch_size=args.batch_size, proba=args.proba,
                     progress=args.progress, preprocess=preprocess, precision=config.precision)
-    what = "probabilities" if args.proba else "logits"
+    what = ("probabilities" if args.proba else
+            "predictions" if config.task == "regression" else "logits")
     console.print(f"{args.output}: {what} of shape ({len(x)}, {record['data']['num_classes']}) "
                   f"for {args.input} ({time.perf_counter() - start:.1f} s)", highlight=False)
 
@@ -497,7 +563,7 @@ def cmd_generate(args, console: Console) -> None:
 def cmd_sweep(args, console: Console) -> None:
     from jaxnet.app.rundir import (LOCK_FILE, RUN_FILES, SWEEP_FILES, RunLock, prepare_new,
                                    remove_leftovers)
-    from jaxnet.app.sweep import GRID, format_settings, sweep, sweep_configs
+    from jaxnet.app.sweep import GRID, describe_best, format_settings, sweep, sweep_configs
 
     base = _config_from(args)
     grid = {name: getattr(args, f"grid_{name}") for name in GRID
@@ -522,10 +588,7 @@ def cmd_sweep(args, console: Console) -> None:
     for row in rows[1:]:
         table.add_row(*row)
     console.print(table)
-    best, ensemble = results["best"], results["ensemble"]
-    console.print(f"best member {best['member']} (seed {best['seed']}, lr {best['lr']:g}): test "
-                  f"accuracy [bold green]{best['test_accuracy']:.2%}[/bold green]; ensemble of "
-                  f"{ensemble['members']}: {ensemble['test_accuracy']:.2%}")
+    console.print(describe_best(results), highlight=False)
     console.print(f"results: {out}/ (results.md, results.json, metrics.jsonl, curves.png, best/)")
 
 
@@ -550,7 +613,7 @@ def cmd_summary(args, console: Console) -> None:
     console.print(str(summarize(net, spec)), highlight=False)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
             "generate": cmd_generate, "sweep": cmd_sweep, "summary": cmd_summary}
 
 
@@ -564,7 +627,8 @@ _FLAGS = {"batch_size": "--batch-size", "batch-size": "--batch-size", "epochs": 
           "on_nan": "--on-nan", "on-nan": "--on-nan", "precision": "--precision",
           "devices": "--devices", "layers": "--layers", "heads": "--heads",
           "seq-len": "--seq-len", "max-chars": "--max-chars", "num-processes": "--num-processes",
-          "process-id": "--process-id", "coordinator": "--coordinator"}
+          "process-id": "--process-id", "coordinator": "--coordinator",
+          "validation-split": "--validation-split", "patience": "--patience", "task": "--task"}
 _ARGUMENTS = {"data_dir", "coordinator", "num_processes", "process_id"}
 _FLAGS.update({name: "--" + name.replace("_", "-") for name in _ARGUMENTS})
 _NAMED = re.compile(r"(?:(?:fit|fit_population|predict|data_mesh|sweep|train): )?"
@@ -612,6 +676,20 @@ def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Python warnings (a run read unverified) as one ``jaxnet: warning:`` line each on stderr;
+    the warning filters stay as they are."""
+    import warnings
+
+    def show(message, *_, **__):
+        print(f"jaxnet: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxnet`` command; returns the exit status."""
     from jaxnet.app.rundir import DirectoryError
@@ -624,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args, console)
+        with _warnings_as_lines():
+            COMMANDS[args.command](args, console)
     except (UsageError, DirectoryError, DataError, ValueError, TypeError, OSError,
             FloatingPointError) as error:
         message = " ".join(str(error).split())

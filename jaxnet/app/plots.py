@@ -1,4 +1,4 @@
-"""Learning curves: loss and accuracy by epoch, train and test, as a PNG.
+"""Learning curves: loss and accuracy by epoch, train, validation and test, as a PNG.
 
 Figures are built as ``matplotlib.figure.Figure`` objects and rendered straight to PNG bytes,
 without pyplot: nothing here switches matplotlib's process-wide backend or registers figures
@@ -26,12 +26,14 @@ def save_figure(figure: Figure, path, dpi: int = 100) -> None:
 
 
 def plot_curves(history: list[dict], path, title: str = "") -> None:
-    """Writes loss (left) and accuracy (right) per epoch from ``fit``'s history to ``path``."""
+    """Writes loss (left) and accuracy (right; the mean absolute error for a regression run,
+    which has none) per epoch from ``fit``'s history to ``path``."""
     epochs = [record["epoch"] for record in history]
     figure = Figure(figsize=(10, 4))
     axes = figure.subplots(1, 2)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for split in ("train", "test"):
+    right = "accuracy" if "train_accuracy" in history[0] else "mae"
+    for ax, metric in zip(axes, ("loss", right)):
+        for split in ("train", "val", "test"):  # test: each epoch's, when none is held out
             key = f"{split}_{metric}"
             if all(key in record for record in history):
                 ax.plot(epochs, [record[key] for record in history], marker="o", label=split)
@@ -46,7 +48,8 @@ def plot_curves(history: list[dict], path, title: str = "") -> None:
 
 
 def plot_population(history: list[dict], labels: list[str], path, title: str = "") -> None:
-    """Training loss (left) and test accuracy (right) of every member of a population by epoch.
+    """Training loss (left) and validation accuracy (right; test accuracy for a history
+    without validation) of every member of a population by epoch.
 
     Args:
       history: ``fit_population``'s history (per-member lists).
@@ -56,7 +59,8 @@ def plot_population(history: list[dict], labels: list[str], path, title: str = "
     colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
     figure = Figure(figsize=(11, 4))
     axes = figure.subplots(1, 2)
-    for ax, key in zip(axes, ("train_loss", "test_accuracy")):
+    right = "val_accuracy" if "val_accuracy" in history[0] else "test_accuracy"
+    for ax, key in zip(axes, ("train_loss", right)):
         shown = set()
         for i, label in enumerate(labels):
             ax.plot(epochs, [record[key][i] for record in history], color=colours[label],

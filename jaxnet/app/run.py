@@ -1,10 +1,11 @@
 """A training run from a config: data, model, optimizer, ``fit``, and the run directory.
 
 A run directory holds ``config.json`` (everything needed to rerun it exactly),
-``metrics.jsonl`` (one JSON object per epoch, written as the run goes), ``checkpoints/`` (with
+``metrics.jsonl`` (one JSON object per epoch, written as the run goes; the kept epoch's is
+marked ``"chosen": true`` at the end), ``checkpoints/`` (with
 ``checkpoint_every``: the whole training state every so many epochs, see
 :mod:`jaxnet.checkpoint`), ``curves.png`` (loss and accuracy by epoch) and, written last,
-``params.safetensors`` (the final parameters). ``train(config, run_dir, resume=True)``
+``params.safetensors`` (the kept epoch's parameters). ``train(config, run_dir, resume=True)``
 continues a killed run from its latest checkpoint and ends with the same parameters, bit for
 bit, as an uninterrupted run.
 """
@@ -17,10 +18,11 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxnet._version import __version__
@@ -28,18 +30,22 @@ from jaxnet import data as datasets
 from jaxnet import data_parallel
 from jaxnet import data_shards
 from jaxnet import text
-from jaxnet.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
-                               restore_checkpoint, save_checkpoint)
+from jaxnet.checkpoint import (CheckpointError, check_checkpoints, check_finite,
+                               latest_checkpoint, list_checkpoints, restore_checkpoint,
+                               save_checkpoint)
 from jaxnet.nn.layer import Layer
 from jaxnet.inference import Preprocess
-from jaxnet.losses import softmax_cross_entropy, token_cross_entropy
-from jaxnet.runs import (LANGUAGE_MODEL, MODELS, SEQUENCE_MODELS, build_model, load_run,
-                         preprocess_for, read_record)
+from jaxnet.losses import mean_squared_error, softmax_cross_entropy, token_cross_entropy
+from jaxnet.runs import (LANGUAGE_MODEL, MODELS, REGRESSION, SEQUENCE_MODELS, build_model,
+                         load_run, params_metadata, preprocess_for, read_record)
 from jaxnet.app.plots import plot_curves
 from jaxnet.app.rundir import strict_dumps
 from jaxnet.precision import TRAINING_PRECISIONS
+from jaxnet.run_manifest import (CONFIG_FILE, PARAMS_FILE, STATE_FILE, is_finished, verify_run,
+                                 warn_unverified, write_run_manifest)
 from jaxnet.tensorfile import atomic_write, save_params
-from jaxnet.train import ON_NAN, TrainState, fit, init_train_state
+from jaxnet.train import ON_NAN, TrainState, evaluate, fit, init_train_state
+from jaxnet.train.callbacks import VALIDATION, EarlyStopping
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop")
 SCHEDULES = ("constant", "cosine")
@@ -76,8 +82,11 @@ class RunConfig:
     checkpoint_every: int = 0  # epochs between checkpoints in RUN_DIR/checkpoints; 0: none
     keep_checkpoints: int = 3  # the newest ones kept
     on_nan: str = "stop"  # or "skip": leave out the updates of batches with a non-finite loss
-    precision: str = "f32"  # or "bf16": float32 params and loss, bfloat16 forward pass
+    precision: str = "f32"  # "bf16": bfloat16 product operands; "bf16-full": bfloat16 forward
     devices: int | None = None  # data parallel over this many devices per process; None: all
+    validation_split: float = 0.1  # training rows held out to choose the epoch on; 0: none
+    patience: int = 0  # stop after this many epochs without a better validation; 0: never
+    task: str = "classification"  # or "regression" (dataset npz): float targets, MSE loss
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))
@@ -108,6 +117,14 @@ class RunConfig:
             (self.precision in TRAINING_PRECISIONS, f"precision must be one of "
              f"{', '.join(TRAINING_PRECISIONS)}; got {self.precision!r}"),
             (self.devices is None or _is_count(self.devices, 1), f"devices must be a positive integer, got {self.devices!r}"),
+            (isinstance(self.validation_split, (int, float)) and not isinstance(self.validation_split, bool)
+             and 0 <= self.validation_split < 1, f"validation-split must be in [0, 1), got {self.validation_split!r}"),
+            (_is_count(self.patience, 0), f"patience must be an integer >= 0, got {self.patience!r}"),
+            (self.task in datasets.TASKS, f"task must be one of {', '.join(datasets.TASKS)}; got {self.task!r}"),
+            (self.task == "classification" or self.dataset == "npz", f"--task {self.task} needs "
+             f"your own data, --dataset npz --data FILE.npz (got --dataset {self.dataset})"),
+            (not self.patience or self.validation_split, f"patience must be 0 when validation-split is 0 "
+             f"(early stopping needs validation data), got {self.patience!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -140,14 +157,28 @@ def load_data(config: RunConfig, mesh: jax.sharding.Mesh | None = None
     (:func:`jaxnet.data_shards.load_process_shard`; every process must call this alike).
 
     Returns:
-      ``(dataset, stats)`` where ``stats = {"mean": m, "std": s}`` (0 and 1 when not standardised).
+      ``(dataset, stats)`` where ``stats = {"mean": m, "std": s}`` (0 and 1 when not standardised),
+      with ``"task": "regression"`` for a regression set (float targets ``(n, outputs)``).
     """
     if config.dataset == "text":
         return load_text(config)
+    if config.task == REGRESSION:
+        if data_shards.spans_processes(mesh):
+            raise ValueError("--task regression trains in one process (a multi-process run "
+                             "reads classification sets)")
+        dataset, stats = _standardized(config, datasets.load_dataset(
+            config.dataset, path=config.data, task=config.task))
+        return dataset, {**stats, "task": REGRESSION}
     if data_shards.spans_processes(mesh):
         return data_shards.load_process_shard(config.dataset, mesh=mesh, data_dir=config.data_dir,
                                               path=config.data, standardize=config.standardize)
-    dataset = datasets.load_dataset(config.dataset, data_dir=config.data_dir, path=config.data)
+    return _standardized(config, datasets.load_dataset(config.dataset, data_dir=config.data_dir,
+                                                       path=config.data))
+
+
+def _standardized(config: RunConfig, dataset: datasets.Dataset
+                  ) -> tuple[datasets.Dataset, dict[str, float]]:
+    """The inputs standardised when the config asks (targets never are), and the statistics."""
     if not config.standardize:
         return dataset, {"mean": 0.0, "std": 1.0}
     x_train, x_test, stats = datasets.standardize(dataset.x_train, dataset.x_test)
@@ -170,10 +201,65 @@ def data_record(dataset: datasets.Dataset, stats: dict[str, Any]) -> dict[str, A
     return _data_record(dataset, stats)
 
 
+VALIDATION_SEED = 0  # the held-out rows are the same for every --seed (and sweep member)
+
+
+def split_validation(dataset: datasets.Dataset, fraction: float
+                     ) -> tuple[datasets.Dataset, tuple[Any, Any] | None]:
+    """``(dataset, (x_val, y_val))``: ``fraction`` of the training rows held out to choose the
+    epoch on, ``round(fraction * n)`` rows picked by a fixed permutation
+    (``numpy.random.default_rng(VALIDATION_SEED)``), the same whatever the run's seed, so that
+    runs and sweep members are compared on the same examples. The training rows that remain
+    keep their order. ``(dataset, None)`` for a fraction of 0.
+
+    Raises:
+      ValueError: a multi-process run (each process holds only its block of the training
+        set), or a fraction that leaves no row for validation or for training.
+    """
+    if not fraction:
+        return dataset, None
+    if dataset.train_rows is not None:
+        raise ValueError("validation-split must be 0 in a multi-process run: each process reads "
+                         "only its block of the training set, so none can hold out rows of the "
+                         f"whole set (got {fraction})")
+    n = len(dataset.x_train)
+    held = round(n * fraction)
+    if not 0 < held < n:
+        raise ValueError(f"validation-split must leave examples for validation and for "
+                         f"training: {fraction} of {n} leaves {held} and {n - held}")
+    chosen = np.zeros(n, bool)
+    chosen[np.random.default_rng(VALIDATION_SEED).permutation(n)[:held]] = True
+    return (dataset._replace(x_train=dataset.x_train[~chosen], y_train=dataset.y_train[~chosen]),
+            (dataset.x_train[chosen], dataset.y_train[chosen]))
+
+
+def chosen_record(history: list[dict]) -> dict:
+    """The record of the epoch whose params a run kept: the one marked ``"chosen": true``
+    (it alone has the test metrics when the run chose on validation data), or the last."""
+    return next((r for r in history if r.get("chosen")), history[-1])
+
+
+class RunState(NamedTuple):
+    """A checkpoint of a run that chooses its epoch on validation data: the ``TrainState``'s
+    fields (under the same names) and ``best``, the state of the best epoch so far, which the
+    run ends with; restoring it resumes the choice exactly."""
+
+    params: Any
+    model_state: Any
+    opt_state: Any
+    step: Any
+    key: Any
+    best: TrainState
+
+    @property
+    def train_state(self) -> TrainState:
+        return TrainState(*self[:5])
+
+
 def with_bits_per_char(record: dict) -> dict:
-    """An epoch record of a text run with ``train_bits_per_char`` and ``test_bits_per_char``
-    (the per-character cross-entropy in bits: loss / ln 2)."""
-    for split in ("train", "test"):
+    """An epoch record of a text run with ``train_bits_per_char`` (and ``val_``, ``test_``
+    where it has those losses): the per-character cross-entropy in bits, loss / ln 2."""
+    for split in ("train", "val", "test"):
         if f"{split}_loss" in record:
             record[f"{split}_bits_per_char"] = record[f"{split}_loss"] / math.log(2)
     return record
@@ -228,10 +314,18 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
         its latest checkpoint, or from the start when it has none; ``metrics.jsonl`` is cut back
         to that checkpoint's epoch first. The result is bitwise that of an uninterrupted run.
 
+    With ``config.validation_split`` (default 0.1) the run holds out that fraction of the
+    training rows (:func:`split_validation`), records ``val_*`` every epoch, keeps the epoch of
+    the lowest validation loss (stopping after ``config.patience`` epochs without a lower one,
+    when given) and measures the test set once, on that epoch's params; without, it keeps the
+    last epoch and records the test metrics of every epoch, which choose nothing.
+
     Returns:
-      ``(state, history, network, dataset)``; ``history`` has every epoch of the run. In a
-      multi-process run ``dataset`` holds only this process's training rows
-      (``dataset.train_rows`` of ``dataset.num_train``; see :func:`load_data`).
+      ``(state, history, network, dataset)``: ``state`` is the kept epoch's; ``history`` has
+      every epoch of the run, the kept one marked ``"chosen": True``
+      (:func:`chosen_record`). ``dataset`` holds the training rows trained on (in a
+      multi-process run only this process's, ``dataset.train_rows`` of ``dataset.num_train``;
+      see :func:`load_data`).
 
     Raises:
       CheckpointError: (``resume``) the latest checkpoint is damaged or from another run;
@@ -241,12 +335,17 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
     """
     if resume and out_dir is None:
         raise ValueError("train: resume=True needs out_dir, the run directory to continue")
-    if resume and (Path(out_dir) / "params.safetensors").exists():
-        raise ValueError(f"{out_dir}: the run is finished (params.safetensors exists); nothing "
-                         "to resume")
+    if resume:  # its files as the run recorded them (run_manifest.json), before reading any
+        manifest = verify_run(out_dir, finished=False)
+        if is_finished(out_dir, manifest):
+            raise ValueError(f"{out_dir}: the run is finished (params.safetensors exists); "
+                             "nothing to resume")
+        if manifest is None:
+            warn_unverified(out_dir)
     mesh = data_parallel.data_mesh(config.devices)  # several processes: process 0 writes files
     writes = out_dir is not None and data_parallel.is_main_process()
     dataset, stats = load_data(config, mesh)  # several processes: each reads only its rows
+    dataset, validation = split_validation(dataset, config.validation_split)
     n_train = dataset.num_train
     data_parallel.check_batch_size(mesh, min(config.batch_size, n_train), "batch-size")
     language_model = config.dataset == "text"
@@ -260,26 +359,41 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
     optimizer = build_optimizer(config, steps_per_epoch)
     state = init_train_state(net, optimizer, params, model_state=model_state, key=run_key)
     history, on_epoch = [], None
+    # with validation: keeps the epoch of the lowest validation loss, which the run ends with
+    selector = None if validation is None else EarlyStopping(
+        VALIDATION, patience=config.patience or None)
     if out_dir is not None:
         out_dir = Path(out_dir)
         if resume:
             _check_same_data(out_dir, dataset, stats)
-            state, history = _restore_run(out_dir / "checkpoints", state, config)
+            if selector is None:
+                state, history = _restore_run(out_dir / "checkpoints", state, config)
+            else:
+                saved, history = _restore_run(out_dir / "checkpoints", RunState(*state, state),
+                                              config)
+                state = saved.train_state
+                selector.resume(history, saved.best)
         elif writes:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_config(out_dir, config, dataset, stats, mesh)
+            write_run_manifest(out_dir, [CONFIG_FILE])  # --resume verifies config.json
     if writes:
         atomic_write(out_dir / "metrics.jsonl", "".join(strict_dumps(r) + "\n" for r in history).encode())
-        on_epoch = _run_writer(out_dir, config, history, language_model)
+        on_epoch = _run_writer(out_dir, config, history, language_model, selector)
+    loss = (token_cross_entropy if language_model else
+            mean_squared_error if config.task == REGRESSION else softmax_cross_entropy)
     try:
-        state, new = fit(net, state, optimizer, (dataset.x_train, dataset.y_train),
-                         loss=token_cross_entropy if language_model else softmax_cross_entropy,
+        state, new = fit(net, state, optimizer, (dataset.x_train, dataset.y_train), loss=loss,
                          epochs=config.epochs, batch_size=config.batch_size,
-                         eval_data=(dataset.x_test, dataset.y_test),
+                         # with validation, the test set only measures the chosen epoch
+                         eval_data=(dataset.x_test, dataset.y_test) if selector is None else None,
+                         validation_data=validation, callbacks=[selector] if selector else [],
                          progress=progress if data_parallel.is_main_process() else False,
                          on_epoch=on_epoch, on_nan=config.on_nan, precision=config.precision,
                          mesh=mesh if mesh.size > 1 else None,  # one device: the plain path
                          num_examples=None if dataset.train_rows is None else n_train)
+        if writes:  # the last update may have diverged with a finite loss before it
+            check_finite(state, "the end of the run: not saved")
     except FloatingPointError as error:
         if out_dir is None:
             raise
@@ -290,26 +404,56 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
         raise FloatingPointError(f"{error}; {kept}") from None
     if not writes:  # when writing, on_epoch has appended them
         history = history + [with_bits_per_char(r) if language_model else r for r in new]
-    else:
+    _mark_chosen(history, selector, net, state, dataset, loss, config.precision)
+    if writes:
+        atomic_write(out_dir / "metrics.jsonl",
+                     "".join(strict_dumps(r) + "\n" for r in history).encode())
         plot_curves(history, out_dir / "curves.png",
                     f"{config.model} on {config.dataset} ({config.activation})")
-        if jax.tree.leaves(state.model_state):
-            save_params(out_dir / "model_state.safetensors", state.model_state)
-        save_params(out_dir / "params.safetensors", state.params)  # last: the run is finished
+        has_state = bool(jax.tree.leaves(state.model_state))
+        if has_state:
+            save_params(out_dir / STATE_FILE, state.model_state)
+        save_params(out_dir / PARAMS_FILE, state.params,
+                    metadata=params_metadata(run_record(config, dataset, stats)))
+        write_run_manifest(out_dir, [CONFIG_FILE, "metrics.jsonl", "curves.png",  # last: finished
+                                     *([STATE_FILE] if has_state else []), PARAMS_FILE])
     return state, history, net, dataset
 
 
+def _mark_chosen(history: list[dict], selector: EarlyStopping | None, net: Layer,
+                 state: TrainState, dataset: datasets.Dataset, loss, precision: str) -> None:
+    """Marks the record of the epoch the run kept ``"chosen": true``: with validation, the best
+    epoch (``state`` is its), to which the test metrics are added, measured once; without, the
+    last epoch, whose record has the test metrics of every epoch (not used to choose)."""
+    if selector is None or selector.best_epoch is None:  # no finite validation: the last epoch
+        history[-1]["chosen"] = True
+        return
+    record = next(r for r in history if r["epoch"] == selector.best_epoch)
+    test = evaluate(net, state.params, (dataset.x_test, dataset.y_test),
+                    model_state=state.model_state, loss=loss, precision=precision)
+    record.update(chosen=True, **{f"test_{name}": value for name, value in test.items()})
+    if "train_bits_per_char" in record:  # a language model's
+        with_bits_per_char(record)
+
+
 def _run_writer(out_dir: Path, config: RunConfig, history: list[dict],
-                language_model: bool = False):
-    """``on_epoch`` for ``fit``: appends to ``history`` and ``metrics.jsonl``, checkpoints."""
+                language_model: bool = False, selector: EarlyStopping | None = None):
+    """``on_epoch`` for ``fit``: appends to ``history`` and ``metrics.jsonl``, checkpoints
+    (with ``selector``, the best epoch's state too: a :class:`RunState`)."""
     metrics_file = out_dir / "metrics.jsonl"
 
     def on_epoch(record, state):
         record = with_bits_per_char(dict(record)) if language_model else record
+        saves = config.checkpoint_every and record["epoch"] % config.checkpoint_every == 0
+        if saves:  # a diverged state (after a finite loss) is neither logged nor checkpointed
+            check_finite(state, f"epoch {record['epoch']}: not checkpointed")
         history.append(record)
         with metrics_file.open("a") as f:
             f.write(strict_dumps(record) + "\n")  # NaN/inf as null: strict JSON
-        if config.checkpoint_every and record["epoch"] % config.checkpoint_every == 0:
+        if saves:
+            if selector is not None:  # fit calls on_epoch after the selector saw the epoch
+                state = RunState(*state, state if selector.best_state is None
+                                 else selector.best_state)
             save_checkpoint(out_dir / "checkpoints", state, keep=config.keep_checkpoints,
                             metadata={"epoch": record["epoch"], "config": config.to_json(),
                                       "history": history})
@@ -317,9 +461,10 @@ def _run_writer(out_dir: Path, config: RunConfig, history: list[dict],
     return on_epoch
 
 
-def _restore_run(checkpoints: Path, template: TrainState, config: RunConfig
-                 ) -> tuple[TrainState, list[dict]]:
+def _restore_run(checkpoints: Path, template: TrainState | RunState, config: RunConfig
+                 ) -> tuple[TrainState | RunState, list[dict]]:
     """The state and history of the latest checkpoint; ``(template, [])`` when there is none."""
+    check_checkpoints(checkpoints)  # a damaged newest one would block its step's save
     found = list_checkpoints(checkpoints)
     if not found:
         return template, []
@@ -396,8 +541,8 @@ def run_record(config: RunConfig, dataset: datasets.Dataset, stats: dict[str, fl
 def read_run(run_dir: Path) -> tuple[RunConfig, dict, Layer, dict]:
     """Reads a finished run directory back: ``(config, config.json record, network, params)``
     (:func:`jaxnet.load_run`, with the settings checked as a :class:`RunConfig`)."""
+    run = load_run(run_dir)  # verifies the run's files first
     config, _ = read_config(run_dir)
-    run = load_run(run_dir)
     return config, run.config, run.net, run.params
 
 

@@ -25,9 +25,10 @@ import re
 import shutil
 from pathlib import Path
 
+from jaxnet import run_manifest
+
 LOCK_FILE = ".lock"
-RUN_FILES = ("config.json", "metrics.jsonl", "params.safetensors", "model_state.safetensors",
-             "curves.png")
+RUN_FILES = run_manifest.RUN_FILES  # config.json, ..., params.safetensors, run_manifest.json
 SWEEP_FILES = ("sweep.json", "metrics.jsonl", "results.json", "results.md", "curves.png")
 
 

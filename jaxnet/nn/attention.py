@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnet.nn.basic import check_positive
+from jaxnet.nn.basic import check_positive, matmul
 from jaxnet.nn.initializers import check_weight_init, init_weight_and_bias
 from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, require_example_ndim,
                              require_floating, shape_str)
@@ -42,7 +42,13 @@ class MultiHeadAttention(Layer):
     The attention itself is ``jax.nn.dot_product_attention``: on CPU its XLA implementation,
     which computes the softmax in float32 (so bfloat16 inputs are stable, and float64 inputs
     are only float32-accurate there); ``implementation="cudnn"`` selects the fused cuDNN kernel
-    on NVIDIA GPUs (float16/bfloat16 only, with cuDNN's limits on head sizes).
+    on NVIDIA GPUs (float16/bfloat16 only, with cuDNN's limits on head sizes). Under the
+    ``"bf16"`` precision policy the four projections run on bfloat16 operands with float32
+    accumulation, forward and backward; the attention itself (scores, softmax, values) stays in
+    the compute dtype, float32: on bfloat16 inputs ``jax.nn.dot_product_attention``'s backward
+    pass multiplies float32 score gradients with bfloat16 keys (a float32 product, and an error
+    under strict dtype promotion). Its products cost ``time / (2 * features)`` of the
+    projections' (a quarter at time 128 and 256 features).
 
     Args:
       num_heads: number of query heads.
@@ -157,7 +163,7 @@ class MultiHeadAttention(Layer):
                 for k, (name, shape) in zip(keys, shapes.items())}, {}
 
     def _project(self, params, x):
-        y = x @ params["w"]
+        y = matmul(x, params["w"])
         return y + broadcast_trailing(params["b"], y) if self.use_bias else y
 
     def forward(self, params, state, x, *, train, key):

@@ -19,6 +19,21 @@ from jaxnet.validate import positive_int, probability
 check_positive = positive_int  # the name the layer modules use
 
 
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x (..., in) @ w (in, out) -> (..., out)`` in ``x``'s dtype, as the traced call asks.
+
+    The layers' one way to a matrix product (``Dense``, attention, recurrent layers, a tied
+    output projection): on operands rounded to ``trace_options().matmul_dtype`` and accumulated
+    in float32 when it is set (the ``"bf16"`` precision policy), and with ``reverse_only`` through
+    ``dense_ops.matmul``, whose custom VJP computes the weight gradient in the orientation
+    XLA:CPU runs fast and rounds the gradient products' operands too.
+    """
+    options = trace_options()
+    if options.reverse_only:
+        return dense_ops.matmul(x, w, options.matmul_dtype)
+    return dense_ops.product(x, w, options.matmul_dtype)
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Dense(Layer):
     """``y = x @ w + b`` on the last axis.
@@ -29,6 +44,9 @@ class Dense(Layer):
       weight_init: ``"lecun_normal"`` (default), ``"he_normal"``, ``"he_uniform"``,
         ``"glorot_normal"``, ``"glorot_uniform"``, ``"lecun_uniform"``, ``"pytorch"``
         or a ``jax.nn.initializers`` function.
+
+    Under the ``"bf16"`` precision policy the product runs on bfloat16 operands with float32
+    accumulation, forward and backward (:func:`matmul`).
 
     Shapes:
       x: ``(batch, ..., in_features)`` floating; params ``w: (in_features, features)``,
@@ -52,8 +70,7 @@ class Dense(Layer):
                                     x.shape[-1], self.use_bias, x.dtype), {}
 
     def forward(self, params, state, x, *, train, key):
-        # a weight gradient that XLA:CPU runs fast, when the caller needs no forward mode
-        y = dense_ops.matmul(x, params["w"]) if trace_options().reverse_only else x @ params["w"]
+        y = matmul(x, params["w"])
         if self.use_bias:
             y = y + broadcast_trailing(params["b"], y)
         return y, state

@@ -35,12 +35,17 @@ class TraceOptions(NamedTuple):
         Dropout layer's own rate (population training).
       reverse_only: the caller differentiates this call in reverse mode only, so built-in
         layers may compute their gradients with custom VJPs (no forward mode).
+      matmul_dtype: when not ``None`` (bfloat16 under the ``"bf16"`` precision policy), built-in
+        layers round the operands of their matrix products and convolutions to it and
+        accumulate them in float32, keeping their outputs in the compute dtype; with
+        ``reverse_only``, their gradient products too.
     """
 
     path: str = ""
     record: list | None = None
     drop_rate: Array | None = None
     reverse_only: bool = False
+    matmul_dtype: Any = None
 
 
 _TRACE = contextvars.ContextVar("jaxnet_trace_options", default=TraceOptions())
@@ -124,6 +129,14 @@ def recording(rows: list):
     """Within the block, every network call appends ``(path, layer, x_shape, y, params)`` rows
     for its leaf layers to ``rows`` (used by :func:`jaxnet.summarize`)."""
     with _tracing(record=rows):
+        yield
+
+
+@contextlib.contextmanager
+def matmul_operands(dtype):
+    """Within the block, built-in layers run their products on operands rounded to ``dtype``
+    (``TraceOptions.matmul_dtype``; ``None``: unrounded). Used by ``jaxnet.precision``."""
+    with _tracing(matmul_dtype=dtype):
         yield
 
 

@@ -95,7 +95,9 @@ class Conv(Layer):
     When the caller differentiates in reverse mode only (``apply_with_state(...,
     reverse_only=True)``, as ``train_batch`` and ``fit`` do), an ungrouped convolution computes
     its gradients with canonical convolutions, an order of magnitude faster inside ``lax.scan`` on XLA:CPU (docs/performance.md, finding 2) and
-    equal in value.
+    equal in value. Under the ``"bf16"`` precision policy the convolution runs on bfloat16
+    operands with float32 accumulation, and so do both of its gradients when the caller promises
+    reverse mode.
 
     Shapes:
       x: ``(batch, *spatial, in_channels)`` floating;
@@ -153,13 +155,14 @@ class Conv(Layer):
         return init_weight_and_bias(key, self.weight_init, w_shape, fan_in, self.use_bias, x.dtype), {}
 
     def forward(self, params, state, x, *, train, key):
-        if trace_options().reverse_only and self.feature_group_count == 1:  # canonical gradients: _conv_ops
-            y = conv_ops.conv(x, params["w"], self.strides, self._pads(x), self.dilation)
+        options = trace_options()
+        if options.reverse_only and self.feature_group_count == 1:  # canonical gradients: _conv_ops
+            y = conv_ops.conv(x, params["w"], self.strides, self._pads(x), self.dilation,
+                              options.matmul_dtype)
         else:
-            y = lax.conv_general_dilated(
-                x, params["w"], window_strides=self.strides, padding=self.padding,
-                rhs_dilation=self.dilation, dimension_numbers=conv_ops.dimension_numbers(len(self.kernel_size)),
-                feature_group_count=self.feature_group_count)
+            y = conv_ops.product(x, params["w"], self.strides, self.padding, self.dilation,
+                                 options.matmul_dtype,
+                                 feature_group_count=self.feature_group_count)
         if self.use_bias:
             y = y + broadcast_trailing(params["b"], y)
         return y, state

@@ -11,14 +11,13 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 import numpy as np
-from jax import lax
 
 from jaxnet._xla import conv_ops
 from jaxnet.nn.basic import check_positive
 from jaxnet.nn.conv import Padding, _as_padding, _as_tuple, _layout, spatial_kernel
 from jaxnet.nn.initializers import check_weight_init, init_weight_and_bias
 from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, require_example_ndim,
-                             require_floating, shape_str)
+                             require_floating, shape_str, trace_options)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -43,6 +42,11 @@ class ConvTranspose(Layer):
       cropped from each end of the ``"VALID"`` output. torch's ``padding=p, output_padding=q``
       is ``((p, p - q), ...)`` for ``q <= p``; ``q > p`` (positions beyond the ``"VALID"``
       output, holding only the bias) is not supported.
+
+    When the caller promises reverse mode (``reverse_only=True``, as ``fit`` does) its gradients
+    are canonical convolutions (``jaxnet/_xla/conv_ops.py``), equal in value to ``lax``'s. Under
+    the ``"bf16"`` precision policy its convolutions run on bfloat16 operands with float32
+    accumulation, as :class:`~jaxnet.Conv`'s.
 
     Args:
       features: output channels.
@@ -122,11 +126,16 @@ class ConvTranspose(Layer):
         # A convolution of the input dilated by the strides with the spatially flipped kernel:
         # padding k - 1 on both sides gives the VALID output, and crops shrink that padding
         # (negative padding crops further; lax accepts it).
-        w = params["w"][(slice(None, None, -1),) * len(self.kernel_size)]
-        pads = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(self.kernel_size, self.crops())]
-        y = lax.conv_general_dilated(
-            x, w, window_strides=(1,) * len(self.kernel_size), padding=pads, lhs_dilation=self.strides,
-            dimension_numbers=conv_ops.dimension_numbers(len(self.kernel_size)))
+        ndim = len(self.kernel_size)
+        w = params["w"][(slice(None, None, -1),) * ndim]
+        pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(self.kernel_size, self.crops()))
+        options = trace_options()
+        if options.reverse_only:  # gradients as canonical convolutions (conv_ops)
+            y = conv_ops.conv(x, w, (1,) * ndim, pads, (1,) * ndim, options.matmul_dtype,
+                              self.strides)
+        else:
+            y = conv_ops.product(x, w, (1,) * ndim, pads, (1,) * ndim, options.matmul_dtype,
+                                 lhs_dilation=self.strides)
         if self.use_bias:
             y = y + broadcast_trailing(params["b"], y)
         return y, state

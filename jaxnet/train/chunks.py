@@ -3,9 +3,10 @@ and the thread that fills the device queue.
 
 A source cuts data into host chunks ``(xs (K, B, *example), ys (K, B, ...), weights (K, B))``:
 :class:`MemmapSource` for ``(x, y)`` arrays read window by window (memory-mapped files), and
-:class:`IterableSource` for an iterable of ``(x, y)`` batches. :class:`ChunkQueue` reads a
-source's chunks on a host thread and ``jax.device_put``s them into a bounded queue. The order
-is described in :mod:`jaxnet.train.streaming`.
+:class:`IterableSource` for an iterable of ``(x, y)`` batches. ``x`` and ``y`` may be pytrees
+(dicts or tuples of arrays sharing the leading axis); ``xs`` and ``ys`` then are too.
+:class:`ChunkQueue` reads a source's chunks on a host thread and ``jax.device_put``s them into a
+bounded queue. The order is described in :mod:`jaxnet.train.streaming`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import threading
 import zipfile
 from typing import Callable, Iterator
 
+from collections.abc import Mapping
+
 import jax
 import numpy as np
 
 from jaxnet.train.engine import EpochPlan, epoch_order
+from jaxnet.train.setup import count_examples
 
 CHUNK_BYTES = 16 << 20  # default chunk size: large enough to amortise a call, small next to RAM
 THREAD_NAME = "jaxnet-stream"
@@ -41,18 +45,32 @@ def _is_array(a) -> bool:
     return hasattr(a, "shape") and hasattr(a, "dtype")
 
 
+def _is_arrays(a) -> bool:
+    """An array, or a pytree (dict, tuple) of arrays."""
+    leaves = jax.tree.leaves(a)
+    return bool(leaves) and all(map(_is_array, leaves))
+
+
+def _is_batch(a) -> bool:
+    return isinstance(a, (tuple, list)) and len(a) == 2 and all(map(_is_arrays, a))
+
+
 def _is_pair(a) -> bool:
-    return isinstance(a, (tuple, list)) and len(a) == 2 and all(map(_is_array, a))
+    """Whether ``a`` is one ``(x, y)`` pair of arrays (or pytrees of arrays) rather than a
+    sequence of batches: a pair whose x and y are both ``(x, y)``-like pairs reads as two
+    batches (use a dict for such inputs)."""
+    return _is_batch(a) and not all(map(_is_batch, a))
 
 
 def is_streaming(data) -> bool:
     """Whether ``fit``/``evaluate`` stream ``data`` rather than move it to the device whole:
     an ``(x, y)`` pair with a memory-mapped array, or an iterable of ``(x, y)`` batches."""
     if _is_pair(data):
-        return any(map(is_memmap, data))
+        return any(map(is_memmap, jax.tree.leaves(data)))
     if isinstance(data, (tuple, list)):
-        return len(data) > 0 and all(map(_is_pair, data))
-    return hasattr(data, "__iter__") and not _is_array(data) and not isinstance(data, (str, bytes))
+        return len(data) > 0 and all(map(_is_batch, data))
+    return (hasattr(data, "__iter__") and not _is_array(data)
+            and not isinstance(data, (str, bytes, Mapping)))
 
 
 def load_memmap(path) -> np.ndarray | dict[str, np.ndarray]:
@@ -108,19 +126,16 @@ def _drop_pages(mappings) -> None:
 class MemmapSource:
     """Chunks of a (memory-mapped) ``(x, y)``; see the module docstring for the order."""
 
-    def __init__(self, x, y, batch_size: int, chunk_steps: int, shuffle: str):
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"train_data: x has {x.shape[0]} examples but y has {y.shape[0]}")
-        if x.shape[0] == 0:
-            raise ValueError("train_data: no examples")
+    def __init__(self, x, y, batch_size: int, chunk_steps: int, shuffle: str,
+                 what: str = "train_data"):
+        self.n = count_examples((x, y), what)
         self.x, self.y, self.shuffle = x, y, shuffle
-        self.n = x.shape[0]
         self.batch_size = min(batch_size, self.n)
         self.plan = EpochPlan.of(self.n, self.batch_size)
         self.chunk_steps = min(chunk_steps, self.plan.num_batches)
         self.steps_per_epoch = self.plan.num_batches
-        self.example = (np.asarray(x[:1]), np.asarray(y[:1]))
-        self._mappings = _mappings(x) + _mappings(y)
+        self.example = _rows((x, y), slice(0, 1))
+        self._mappings = [m for a in jax.tree.leaves((x, y)) for m in _mappings(a)]
 
     @property
     def has_idle_steps(self) -> bool:
@@ -147,7 +162,7 @@ class MemmapSource:
             rows, w = order[start:start + window], weights[start:start + window]
             sorted_rows = np.sort(rows)  # read in file order, then put in batch order
             where = np.searchsorted(sorted_rows, rows)
-            yield self._pack(self.x[sorted_rows][where], self.y[sorted_rows][where], w)
+            yield self._pack(*_rows(_rows((self.x, self.y), sorted_rows), where), w)
 
     def _windows(self, starts, rng):
         window = self.chunk_steps * self.batch_size
@@ -158,7 +173,8 @@ class MemmapSource:
             rows = np.resize(rows, -(-real // self.batch_size) * self.batch_size)
             w = (np.arange(rows.size) < real).astype(np.float32)
             # one copy, straight from the mapped window into the chunk's order
-            yield self._pack(self.x[start:start + real][rows], self.y[start:start + real][rows], w)
+            window_rows = _rows((self.x, self.y), slice(start, start + real))
+            yield self._pack(*_rows(window_rows, rows), w)
 
     def epoch_size(self) -> tuple[int, int]:
         """``(examples, batches)`` of the last epoch."""
@@ -169,15 +185,20 @@ class MemmapSource:
         return _pad_chunk(xs, ys, w, self.chunk_steps, self.batch_size)
 
 
+def _rows(tree, rows):
+    """Rows ``rows`` (a slice or indices) of every array in ``tree``, as NumPy arrays."""
+    return jax.tree.map(lambda a: np.asarray(a[rows]), tree)
+
+
 def _pad_chunk(xs, ys, w, steps: int, batch: int):
     """``(K, B, ...)`` stacks: whole batches of weight 0 (copies of row 0) fill a short chunk."""
-    missing = steps * batch - xs.shape[0]
+    missing = steps * batch - w.shape[0]
     if missing:
-        xs = np.concatenate([xs, np.repeat(xs[:1], missing, 0)])
-        ys = np.concatenate([ys, np.repeat(ys[:1], missing, 0)])
+        xs, ys = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], missing, 0)]),
+                              (xs, ys))
         w = np.concatenate([w, np.zeros(missing, np.float32)])
-    return (xs.reshape(steps, batch, *xs.shape[1:]), ys.reshape(steps, batch, *ys.shape[1:]),
-            w.reshape(steps, batch))
+    xs, ys = jax.tree.map(lambda a: a.reshape(steps, batch, *a.shape[1:]), (xs, ys))
+    return xs, ys, w.reshape(steps, batch)
 
 
 class IterableSource:
@@ -195,8 +216,8 @@ class IterableSource:
         except StopIteration:
             raise ValueError("train_data: the iterable yielded no batches") from None
         self._first = first = self._check(first, 0)
-        self.batch_size = first[0].shape[0]
-        self.example = (first[0][:1], first[1][:1])
+        self.batch_size = len(jax.tree.leaves(first)[0])
+        self.example = _rows(first, slice(0, 1))
         self.chunk_steps = chunk_steps or default_chunk_steps(first, self.batch_size)
         try:
             self.steps_per_epoch = len(data)
@@ -207,12 +228,10 @@ class IterableSource:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"train_data: batch {index} is not an (x, y) pair but a "
                             f"{type(batch).__name__}")
-        x, y = map(np.asarray, batch)
-        if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-            raise ValueError(f"train_data: batch {index} has {x.shape[0]} rows of x and "
-                             f"{y.shape[0]} of y")
-        if index and x.shape[0] > self.batch_size:
-            raise ValueError(f"train_data: batch {index} has {x.shape[0]} rows, more than the "
+        x, y = jax.tree.map(np.asarray, tuple(batch), is_leaf=lambda a: isinstance(a, list))
+        rows = count_examples((x, y), f"train_data: batch {index}")
+        if index and rows > self.batch_size:
+            raise ValueError(f"train_data: batch {index} has {rows} rows, more than the "
                              f"first batch's {self.batch_size}")
         return x, y
 
@@ -228,13 +247,14 @@ class IterableSource:
             xs, ys, ws = [], [], []
             for index, b in group:
                 x, y = self._check(b, index)
-                real = x.shape[0]
+                real = len(jax.tree.leaves(x)[0])
                 rows = np.resize(np.arange(real), batch)
-                xs.append(x[rows]), ys.append(y[rows])
+                xs.append(_rows(x, rows)), ys.append(_rows(y, rows))
                 ws.append((np.arange(batch) < real).astype(np.float32))
                 self._size[0] += real
                 self._size[1] += 1
-            yield _pad_chunk(np.concatenate(xs), np.concatenate(ys), np.concatenate(ws), steps, batch)
+            stack = lambda parts: jax.tree.map(lambda *a: np.concatenate(a), *parts)  # noqa: E731
+            yield _pad_chunk(stack(xs), stack(ys), np.concatenate(ws), steps, batch)
 
 
     def epoch_size(self) -> tuple[int, int]:
@@ -250,7 +270,7 @@ def _grouped(iterator, size: int):
 
 def default_chunk_steps(example, batch_size: int) -> int:
     """Steps per chunk: about :data:`CHUNK_BYTES` of data, at most 64 steps."""
-    row_bytes = sum(np.asarray(a[:1]).nbytes for a in example)
+    row_bytes = sum(np.asarray(a[:1]).nbytes for a in jax.tree.leaves(example))
     return int(np.clip(CHUNK_BYTES // max(row_bytes * batch_size, 1), 1, 64))
 
 

@@ -5,7 +5,8 @@ with real examples that carry weight zero, so every batch has one static shape a
 recompiles), one gather of the epoch's data, and a ``lax.scan`` over the batches that sums the
 metrics and reports progress through ``jax.debug.callback``. On the host: :func:`run_epochs`,
 the loop over epochs that times them, evaluates, builds the history records and calls the
-callbacks with copies of the state they may keep.
+callbacks with copies of the state they may keep. Callbacks every N steps need the host between
+steps: the epoch then runs as segments of the same steps (:func:`segment_bounds`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.metrics import is_argmax
+from jaxnet.validate import positive_int
 
 
 Metric = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, targets) -> (batch,) values
@@ -44,6 +46,8 @@ class Sums(NamedTuple):
                     {name: zero() for name in metrics} if metrics else None)
 
     def __add__(self, other: Sums) -> Sums:  # None fields stay None: no work when not counted
+        if self.extra is None:  # sums that track no metrics drop the step's (a population's)
+            other = other._replace(extra=None)
         return jax.tree.map(jnp.add, self, other)
 
     def means(self, classification: bool = True) -> dict[str, float]:
@@ -60,8 +64,9 @@ class Sums(NamedTuple):
 
 def is_classification(output: jax.ShapeDtypeStruct, targets) -> bool:
     """Whether outputs like ``output`` against ``targets`` are a classification task: integer
-    labels with one more axis (the classes) on the outputs."""
-    return (jnp.issubdtype(targets.dtype, jnp.integer)
+    labels with one more axis (the classes) on the outputs (never for pytrees of several)."""
+    return (all(hasattr(a, "shape") and hasattr(a, "dtype") for a in (output, targets))
+            and jnp.issubdtype(targets.dtype, jnp.integer)
             and len(output.shape) == len(targets.shape) + 1)
 
 
@@ -177,18 +182,28 @@ def take_rows(data, indices: jax.Array):
 
 def scan_batches(step: Callable, carry, batches, plan: EpochPlan, sums: Sums, *,
                  progress: Callable | None = None, progress_every: int = 1,
-                 pooled: Callable[[Sums], Sums] = lambda sums: sums):
+                 pooled: Callable[[Sums], Sums] = lambda sums: sums, start=0):
     """``lax.scan`` of ``step(carry, batch, weights) -> (carry, Sums)`` over the epoch's batches.
 
     Args:
-      batches: a pytree whose leaves have a leading ``(num_batches,)`` axis.
-      sums: the zero sums the batches' sums are added to.
+      batches: a pytree whose leaves have a leading ``(num_batches,)`` axis, or
+        ``(length,)`` for a segment of the epoch: the plan's batches ``start .. start +
+        length`` (``start`` an int32 scalar, traced or not).
+      sums: the sums the batches' sums are added to (zeros, or those of earlier segments).
       progress: called on the host every ``progress_every`` steps with the step within the
         epoch and ``pooled(sums so far)``.
 
     Returns:
       ``(carry, sums)``.
     """
+    length = jax.tree.leaves(batches)[0].shape[0]
+    steps = jnp.arange(length, dtype=jnp.int32)
+    weights = None if plan.weights is None else jnp.asarray(plan.weights)
+    if length != plan.num_batches:  # a segment: its steps' indices and weights
+        steps = steps + start
+        if weights is not None:
+            weights = jax.lax.dynamic_slice_in_dim(weights, start, length)
+
     def body(state, inputs):
         carry, sums = state
         i, batch, weights = inputs
@@ -199,9 +214,7 @@ def scan_batches(step: Callable, carry, batches, plan: EpochPlan, sums: Sums, *,
                          lambda: jax.debug.callback(progress, i + 1, pooled(sums)), lambda: None)
         return (carry, sums), None
 
-    inputs = (jnp.arange(plan.num_batches, dtype=jnp.int32), batches,
-              None if plan.weights is None else jnp.asarray(plan.weights))
-    (carry, sums), _ = jax.lax.scan(body, (carry, sums), inputs)
+    (carry, sums), _ = jax.lax.scan(body, (carry, sums), (steps, batches, weights))
     return carry, sums
 
 
@@ -228,7 +241,9 @@ def run_epochs(state, run_epoch: Callable, *, first_epoch: int, epochs: int, rep
       display: the record as the progress reporter shows it.
       callbacks: objects with ``on_epoch_end(record, state) -> bool`` (``True`` stops after
         this epoch) and optionally ``on_train_end(state) -> state`` (which may replace the
-        final state, e.g. with the best one kept).
+        final state, e.g. with the best one kept); they are called in order, before
+        ``on_epoch``, and share one copy of the state with it. Step callbacks
+        (:func:`step_interval`) are ``run_epoch``'s to call.
 
     Returns:
       ``(state, history)``: one record per epoch with ``epoch``, the train and test metrics,
@@ -250,12 +265,56 @@ def run_epochs(state, run_epoch: Callable, *, first_epoch: int, epochs: int, rep
                 record["compile_seconds"] = compile_seconds
             history.append(record)
             reporter.end_epoch(display(record))
-            if on_epoch is not None:
-                on_epoch(record, kept_copy(state))
-            stops = [bool(callback.on_epoch_end(record, kept_copy(state))) for callback in callbacks]
+            kept = kept_copy(state) if on_epoch is not None or callbacks else None
+            stops = [bool(callback.on_epoch_end(record, kept)) for callback in callbacks
+                     if hasattr(callback, "on_epoch_end")]
+            if on_epoch is not None:  # after the callbacks: it may read what they keep
+                on_epoch(record, kept)
             if any(stops):
                 break
     for callback in callbacks:
         if hasattr(callback, "on_train_end"):
             state = callback.on_train_end(state)
     return state, history
+
+
+# --- every N steps: an epoch run in segments ----------------------------------------------------
+
+def step_interval(callbacks: Sequence[Any]) -> int | None:
+    """The steps between the points where ``callbacks`` must be called: the greatest common
+    divisor of the ``every_steps`` of those that have one (``None`` when none has).
+
+    A callback with ``every_steps = N`` has ``on_step_end(step, record, state)``, called after
+    steps ``N, 2N, ...`` of every epoch (counted from the epoch's start; its end is
+    ``on_epoch_end``'s) with the global step, ``{"epoch", "step", "train_loss", ...}`` (the
+    means over the epoch's steps so far) and a copy of the state it may keep.
+    """
+    every = []
+    for callback in callbacks:
+        if getattr(callback, "every_steps", None) is None:
+            continue
+        name = type(callback).__name__
+        every.append(positive_int(name, "every_steps", callback.every_steps))
+        if not callable(getattr(callback, "on_step_end", None)):
+            raise TypeError(f"{name}: has every_steps={callback.every_steps} but no "
+                            "on_step_end(step, record, state) method")
+    return math.gcd(*every) if every else None
+
+
+def segment_bounds(start: int, stop: int, every: int | None) -> list[tuple[int, int]]:
+    """``[(first, length), ...]``: steps ``start .. stop - 1`` of an epoch cut after every
+    multiple of ``every`` (one segment when ``every`` is ``None``)."""
+    cuts = [start, *(k for k in range(start + 1, stop) if every and k % every == 0), stop]
+    return [(a, b - a) for a, b in zip(cuts, cuts[1:])]
+
+
+def call_step_callbacks(callbacks: Sequence[Any], step_in_epoch: int, record: dict,
+                        state) -> None:
+    """Calls ``on_step_end(record["step"], record, state)`` of the callbacks due after step
+    ``step_in_epoch`` of the epoch, with one copy of ``state`` that they may keep."""
+    due = [c for c in callbacks if getattr(c, "every_steps", None) is not None
+           and step_in_epoch % c.every_steps == 0]
+    if due:
+        kept = kept_copy(state)
+        for callback in due:
+            callback.on_step_end(record["step"], record, kept)

@@ -31,17 +31,18 @@ import numpy as np
 import optax
 
 from jaxnet._xla import options as xla_options
-from jaxnet.losses import check_labels, check_per_example, softmax_cross_entropy
+from jaxnet.losses import check_labels, is_model_loss, softmax_cross_entropy
 from jaxnet.nn.layer import Layer, Params, State, state_or_empty
-from jaxnet.precision import Policy, apply_with_policy, check_params, get_policy, get_training_policy
+from jaxnet.precision import Policy, check_params, get_policy, get_training_policy
 from jaxnet.progress import make_progress
 from jaxnet.train.chunks import (THREAD_NAME, ChunkQueue, IterableSource, MemmapSource,  # noqa: F401
                                  _is_pair, default_chunk_steps, is_memmap, is_streaming,
                                  load_memmap)
-from jaxnet.train.engine import (EpochPlan, Metric, Sums, batch_sums, is_classification,
-                                 run_epochs, scan_batches)
-from jaxnet.train.setup import default_metrics, initial_state, output_spec, train_record
-from jaxnet.train.state import ON_NAN, LossFn, TrainState, train_batch
+from jaxnet.train.engine import EpochPlan, Metric, Sums, run_epochs, scan_batches
+from jaxnet.train.setup import (as_arrays, initial_state, output_spec, rows_spec, task_metrics,
+                                train_record)
+from jaxnet.train.state import (ON_NAN, LossFn, TrainState, evaluate_batch, metric_names,
+                                train_batch)
 from jaxnet.validate import positive_int
 
 __all__ = ["THREAD_NAME", "ChunkQueue", "IterableSource", "MemmapSource", "evaluate_streaming",
@@ -62,30 +63,28 @@ def make_run_chunk(net: Layer, optimizer: optax.GradientTransformation, loss: Lo
     steps (:func:`jaxnet.train.train_batch`) in one ``lax.scan``, adding to ``sums``.
 
     Shapes:
-      xs: ``(chunk_steps, batch_size, *example)``; ys: ``(chunk_steps, batch_size, ...)``;
-      weights: ``(chunk_steps, batch_size)`` float32, 0 for padding rows.
+      xs: ``(chunk_steps, batch_size, *example)``; ys: ``(chunk_steps, batch_size, ...)``
+      (either may be a pytree of such arrays); weights: ``(chunk_steps, batch_size)`` float32,
+      0 for padding rows.
 
     ``idle_steps``: compile in the skip of batches whose weights are all 0 (a short chunk's
     filler), which then neither update the state nor count a step. ``augment(key, x) -> x``
-    (:mod:`jaxnet.augment`) transforms each batch's inputs on the device, with the key
-    ``fold_in(fold_in(state.key, 3), state.step)``.
+    (:mod:`jaxnet.augment`) transforms each batch's inputs on the device (see
+    :func:`jaxnet.train.train_batch`).
     """
-    zero = Sums.zeros(on_nan == "skip", metrics=metrics)
-
-    def step(state, batch, weights):
+    def step(state, batch, weights, zero):
         def train(state):
-            x, y = batch
-            if augment is not None:
-                x = augment(jax.random.fold_in(jax.random.fold_in(state.key, 3), state.step), x)
-            return train_batch(net, optimizer, loss, state, x, y, weights, on_nan,
-                               precision=precision, metrics=metrics)
+            return train_batch(net, optimizer, loss, state, *batch, weights, on_nan,
+                               precision=precision, metrics=metrics, augment=augment)
         if not idle_steps:
             return train(state)
         return jax.lax.cond(jnp.sum(weights) > 0, train, lambda state: (state, zero), state)
 
     def run_chunk(state, sums, xs, ys, weights):
         plan = EpochPlan(chunk_steps * batch_size, batch_size, chunk_steps, weights)
-        return scan_batches(step, state, (xs, ys), plan, sums)
+        zero = jax.tree.map(jnp.zeros_like, sums)  # an idle step's sums: nothing
+        return scan_batches(lambda state, batch, w: step(state, batch, w, zero), state,
+                            (xs, ys), plan, sums)
 
     return run_chunk
 
@@ -95,14 +94,10 @@ def make_evaluate_chunk(net: Layer, loss: LossFn, chunk_steps: int, batch_size: 
                         metrics: Mapping[str, Metric] | None = None):
     """``evaluate_chunk(params, model_state, sums, xs, ys, weights) -> sums`` (shapes as
     :func:`make_run_chunk`'s); batches of weight 0 add nothing."""
-    policy = get_policy(precision)
-
     def evaluate_chunk(params, model_state, sums, xs, ys, weights):
         def step(carry, batch, w):
-            xb, yb = batch
-            logits, _ = apply_with_policy(net, policy, params, model_state, xb, batch_ndim=1)
-            losses = check_per_example(loss(logits, yb), xb.shape[0], "evaluate")
-            return carry, batch_sums(logits, yb, losses, w, metrics)
+            return carry, evaluate_batch(net, loss, params, model_state, *batch, w,
+                                         precision=precision, metrics=metrics)
 
         plan = EpochPlan(chunk_steps * batch_size, batch_size, chunk_steps, weights)
         return scan_batches(step, (), (xs, ys), plan, sums)[1]
@@ -132,20 +127,23 @@ def _drive(chunks: Iterator, run: Callable, carry, *, sums: Callable, depth: int
 
 def _source(data, batch_size: int, chunk_steps: int | None, shuffle: str, what: str):
     if _is_pair(data):
-        x, y = (a if is_memmap(a) else np.asarray(a) for a in data)
-        steps = chunk_steps or default_chunk_steps((x, y), min(batch_size, x.shape[0]))
-        return MemmapSource(x, y, batch_size, steps, shuffle)
+        x, y = as_arrays(tuple(data), lambda a: a if is_memmap(a) else np.asarray(a))
+        rows = len(jax.tree.leaves(x)[0])
+        steps = chunk_steps or default_chunk_steps((x, y), max(min(batch_size, rows), 1))
+        return MemmapSource(x, y, batch_size, steps, shuffle, what)
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"{what}: expected (x, y) arrays or an iterable of (x, y) batches, got "
                         f"{type(data).__name__}")
     return IterableSource(data, chunk_steps)
 
 
-def _label_check(net, params, example, what):
+def _label_check(net, loss, params, example, what):
     """A host check of each chunk's integer labels (range), like the resident path's."""
     x, y = example
+    if is_model_loss(loss) or not (hasattr(y, "dtype") and np.issubdtype(y.dtype, np.integer)):
+        return None
     out = output_spec(net, params, x)
-    if not (np.issubdtype(y.dtype, np.integer) and out.ndim == 2):
+    if out.ndim != 2:
         return None
     return lambda chunk: check_labels(chunk[1], out.shape[-1], f"{what} labels")
 
@@ -224,12 +222,11 @@ def fit_streaming(net: Layer, params: Params | TrainState, optimizer: optax.Grad
     source = _source(train_data, batch_size, chunk_steps, shuffle, "train_data")
     x1, y1 = source.example
     state = initial_state(net, optimizer, params, model_state, key, x1)
-    output = output_spec(net, state.params, x1)
-    metrics = default_metrics(output, y1) if metrics is None else metrics
-    classification = is_classification(output, y1)
-    check = _label_check(net, state.params, source.example, "train_data")
+    metrics, classification = task_metrics(net, loss, metrics, state.params, x1, y1, "fit")
+    names = metric_names(net, loss, metrics, state.params, state.model_state, x1, y1, True)
+    check = _label_check(net, loss, state.params, source.example, "train_data")
     steps, rows = source.chunk_steps, source.batch_size
-    zero = lambda: Sums.zeros(on_nan == "skip", metrics=metrics)  # noqa: E731
+    zero = lambda: Sums.zeros(on_nan == "skip", metrics=names)  # noqa: E731
 
     start = time.perf_counter()
     run_chunk = xla_options.jit(make_run_chunk(net, optimizer, loss, steps, rows, on_nan=on_nan,
@@ -243,8 +240,8 @@ def fit_streaming(net: Layer, params: Params | TrainState, optimizer: optax.Grad
         if data is not None:  # arrays too: a streaming run's evaluation data may be large
             what = "eval_data" if prefix == "test" else "validation_data"
             evaluations.append(_streaming_evaluation(
-                net, state.params, loss, prefix, _source(data, eval_batch_size, chunk_steps,
-                                                         "none", what),
+                net, state, loss, prefix, _source(data, eval_batch_size, chunk_steps, "none",
+                                                  what),
                 policy, metrics, classification, prefetch))
     compile_seconds = time.perf_counter() - start
 
@@ -283,16 +280,20 @@ def fit_streaming(net: Layer, params: Params | TrainState, optimizer: optax.Grad
 
 
 def _chunk_specs(x1, y1, steps: int, rows: int):
-    spec = lambda a: jax.ShapeDtypeStruct(  # noqa: E731 - as device_put will make them
-        (steps, rows, *a.shape[1:]), jax.dtypes.canonicalize_dtype(a.dtype))
-    return spec(x1), spec(y1), jax.ShapeDtypeStruct((steps, rows), jnp.float32)
+    """The device chunks' specs, as ``device_put`` will make them."""
+    stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((steps, *a.shape), a.dtype),
+                           rows_spec((x1, y1), rows))
+    return (*stacked, jax.ShapeDtypeStruct((steps, rows), jnp.float32))
 
 
-def _streaming_evaluation(net, params, loss, prefix, source, policy, metrics, classification,
-                          prefetch) -> Callable[[TrainState], dict]:
-    """``state -> {"<prefix>_loss": ..., ...}`` over a streaming ``source``, compiled once."""
-    check = _label_check(net, params, source.example,
+def _streaming_evaluation(net, template: TrainState, loss, prefix, source, policy, metrics,
+                          classification, prefetch) -> Callable[[TrainState], dict]:
+    """``state -> {"<prefix>_loss": ..., ...}`` over a streaming ``source``, compiled once
+    (``template``: a state of the shapes to come)."""
+    check = _label_check(net, loss, template.params, source.example,
                          {"test": "eval_data", "val": "validation_data"}.get(prefix, "data"))
+    x1, y1 = source.example
+    names = metric_names(net, loss, metrics, template.params, template.model_state, x1, y1, False)
     evaluate_chunk = xla_options.jit(make_evaluate_chunk(net, loss, source.chunk_steps,
                                                          source.batch_size, policy, metrics),
                                      forward_rows=source.batch_size)
@@ -301,7 +302,7 @@ def _streaming_evaluation(net, params, loss, prefix, source, policy, metrics, cl
         sums = _drive(source.chunks(None, 0),
                       lambda sums, *chunk: evaluate_chunk(state.params, state.model_state, sums,
                                                           *chunk),
-                      Sums.zeros(metrics=metrics), sums=lambda sums: sums, depth=prefetch,
+                      Sums.zeros(metrics=names), sums=lambda sums: sums, depth=prefetch,
                       check=check)
         if source.epoch_size()[1] == 0:
             raise ValueError(f"{prefix or 'evaluate'}: the data yielded no batches (a one-shot "
@@ -320,7 +321,8 @@ def evaluate_streaming(net: Layer, params: Params, data, *, model_state: State |
     ``(x, y)`` batches (see :func:`fit_streaming`), in order, chunk by chunk.
 
     Shapes:
-      x: ``(n, *example)``; y: ``(n,)`` labels or ``(n, ...)`` targets.
+      x: ``(n, *example)``; y: ``(n,)`` labels or ``(n, ...)`` targets (either may be a
+      pytree of such arrays).
 
     Returns:
       ``{"loss": float, ["accuracy": float,] **metrics}``.
@@ -328,10 +330,9 @@ def evaluate_streaming(net: Layer, params: Params, data, *, model_state: State |
     check_params(get_policy(precision), params, "evaluate")
     model_state = state_or_empty(net, model_state, "evaluate")
     source = _source(data, batch_size, chunk_steps, "none", "data")
-    x1, y1 = source.example
-    output = output_spec(net, params, x1)
-    metrics = default_metrics(output, y1) if metrics is None else metrics
+    metrics, classification = task_metrics(net, loss, metrics, params, *source.example,
+                                           "evaluate")
     state = TrainState(params, model_state, None, None, None)
-    run = _streaming_evaluation(net, params, loss, "", source, get_policy(precision), metrics,
-                                is_classification(output, y1), prefetch)
+    run = _streaming_evaluation(net, state, loss, "", source, get_policy(precision), metrics,
+                                classification, prefetch)
     return {name[1:]: value for name, value in run(state).items()}

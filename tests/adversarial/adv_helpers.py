@@ -1,7 +1,10 @@
 """Shared checks of the adversarial tests: one-line errors and files unchanged on disk."""
 
+import contextlib
 import hashlib
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +43,35 @@ def refused(argv, capsys, *names) -> str:
 def quiet_env() -> dict:
     return {k: v for k, v in os.environ.items()
             if k not in ("FORCE_COLOR", "TTY_INTERACTIVE", "JUPYTER_COLUMNS", "JUPYTER_LINES")}
+
+
+@contextlib.contextmanager
+def within(seconds: int):
+    """Fails with ``TimeoutError`` instead of blocking for ever (an open of a FIFO that no one
+    writes, say): SIGALRM interrupts the blocked system call."""
+    def fail(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def bounded_cli(argv, memory: int = 3 << 30, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``jaxnet ARGV`` in a subprocess whose address space is capped at ``memory`` bytes, so
+    that a read without a bound (of ``/dev/zero``) fails there instead of exhausting the
+    machine. (The child caps itself: a ``preexec_fn`` would fork this threaded process.)"""
+    start = ("import resource, runpy, sys; "
+             f"resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory})); "
+             "sys.argv[0] = 'jaxnet'; runpy.run_module('jaxnet.app.cli', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", start, *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, env=quiet_env())
+
+
+def make_fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path

@@ -11,6 +11,7 @@ import pytest
 from adv_helpers import digests, refused
 from jaxnet.app import run
 from jaxnet.app.rundir import strict_dumps
+from jaxnet.run_manifest import MANIFEST_FILE, seal_run
 
 
 def _strict_loads(text: str):
@@ -68,6 +69,8 @@ def test_bad_config_values_are_refused_naming_the_file_and_key(finished_run, tmp
     if value in ("NaN", "Infinity"):  # what a non-strict writer would have put there
         text = text.replace(f'"{value}"', value)
     (damaged / "config.json").write_text(text)
+    (damaged / MANIFEST_FILE).unlink()  # recorded as they are: the values alone are wrong
+    seal_run(damaged)
     before = digests(damaged)
     argv = ["eval", damaged] if command == "eval" else [
         "predict", damaged, "--input", tmp_path / "x.npy", "--output", tmp_path / "p.npy"]

@@ -6,6 +6,7 @@ import shutil
 
 from adv_helpers import FAST, digests, refused
 from jaxnet.app.cli import main
+from jaxnet.run_manifest import write_run_manifest
 
 SWEEP = ["sweep", "--hidden", "8", "--epochs", "1", "--seeds", "1", "--shared-order",
          "--no-progress"]
@@ -78,7 +79,8 @@ def test_resume_still_continues_its_own_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--hidden", "8", "--checkpoint-every", "1",
                  "--no-progress", "--out", str(out)]) == 0
-    (out / "params.safetensors").unlink()  # as if killed after its last checkpoint
+    (out / "params.safetensors").unlink()  # as if killed after its last checkpoint, when ...
+    write_run_manifest(out, ["config.json"])  # ... its manifest listed only config.json
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert (out / "params.safetensors").is_file()
 
