@@ -125,5 +125,5 @@ def top_k(k: int):
 def label_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Multi-label: each example's fraction of labels (0/1 targets) predicted right by
     ``logits > 0``: ``(batch, labels)`` -> ``(batch,)``."""
-    right = (logits > 0) == (labels > 0.5)
+    right = (logits > 0) == (labels.astype(jnp.float32) > 0.5)
     return jnp.mean(right.reshape(right.shape[0], -1).astype(jnp.float32), axis=-1)

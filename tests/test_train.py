@@ -315,3 +315,18 @@ def test_random_augment_draws_a_new_key_every_step_reproducibly(key, rng):
     unaugmented, _ = jn.fit(net, params, optax.sgd(0.1), (x, y), epochs=1, batch_size=16,
                             key=jax.random.key(5))
     assert not np.allclose(runs[0].params["dense_1"]["w"], unaugmented.params["dense_1"]["w"])
+
+
+def test_multi_label_targets_get_the_fraction_of_labels_right_by_default(key, rng):
+    x = rng.normal(size=(96, 6)).astype(np.float32)
+    labels = np.stack([x[:, 0] > 0, x[:, 1] + x[:, 2] > 0, x[:, 3] < 0], axis=1).astype(np.int32)
+    net = jn.serial(jn.Dense(16), jn.relu, jn.Dense(3))
+    params = net.init(key, x)
+    state, history = jn.fit(net, params, optax.adam(1e-2), (x, labels), epochs=30, batch_size=32,
+                            loss=jn.losses.sigmoid_binary_cross_entropy, eval_data=(x, labels),
+                            validation_split=None)
+    assert "train_accuracy" not in history[-1] and "train_mae" not in history[-1]
+    logits = np.asarray(net.apply(state.params, x))
+    np.testing.assert_allclose(history[-1]["test_label_accuracy"],
+                               np.mean((logits > 0) == (labels > 0.5)), rtol=1e-6)
+    assert history[-1]["test_label_accuracy"] > 0.9

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.losses import is_model_loss
-from jaxnet.metrics import absolute_error
+from jaxnet.metrics import absolute_error, label_accuracy
 from jaxnet.nn.layer import Layer, Params, State
 from jaxnet.train.engine import Metric, Sums, is_classification
 from jaxnet.train.state import LossFn, TrainState, check_model_loss_options, init_train_state
@@ -77,13 +77,17 @@ def rows_spec(tree, rows: int | None = 1):
 
 def default_metrics(output: jax.ShapeDtypeStruct, y) -> dict[str, Metric]:
     """The metrics reported when none are given, by task: none beyond accuracy for
-    classification (integer labels); the mean absolute error for regression (floating targets
-    shaped like the outputs); none otherwise (multi-label: the loss says it; pytrees)."""
+    classification (integer labels, one axis fewer than the outputs); the fraction of labels
+    right for multi-label targets (integer or bool 0/1, shaped like the outputs: train with
+    ``sigmoid_binary_cross_entropy``); the mean absolute error for regression (floating
+    targets shaped like the outputs); none otherwise (pytrees)."""
     if not all(hasattr(a, "shape") and hasattr(a, "dtype") for a in (output, y)):
         return {}
-    if not jnp.issubdtype(y.dtype, jnp.integer) and tuple(y.shape[1:]) == tuple(output.shape[1:]):
-        return {"mae": absolute_error}
-    return {}
+    if tuple(y.shape[1:]) != tuple(output.shape[1:]):
+        return {}
+    if jnp.issubdtype(y.dtype, jnp.integer) or y.dtype == jnp.bool_:
+        return {"label_accuracy": label_accuracy}
+    return {"mae": absolute_error}
 
 
 def task_metrics(net: Layer, loss: LossFn, metrics: Mapping[str, Metric] | None, params: Params,
