@@ -210,8 +210,8 @@ class Checkpointer:
     ``directory`` every ``every`` epochs and, with ``every_steps=N``, after steps ``N, 2N,
     ...`` of each epoch too, keeping the newest ``keep``.
 
-    Resume with ``fit(net, restore_checkpoint(latest_checkpoint(directory), template), ...)``:
-    from a mid-epoch checkpoint ``fit`` finishes that epoch first, and the final state is
+    Resume with ``fit(net, restore_checkpoint(latest_checkpoint(directory), template), ...)``;
+    given a mid-epoch checkpoint, ``fit`` finishes that epoch first, and the final state is
     bitwise that of an uninterrupted run (the resumed epoch's train metrics cover only the
     steps it ran). Each manifest's metadata holds the ``record`` (epoch or step record).
 
