@@ -5,10 +5,11 @@ import math
 
 import pytest
 
+from conftest import TEXT
+
 from jaxnet.app.cli import main
 from jaxnet.app.run import chosen_record
 
-TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n    y = 1\n"
 
 
 def run(argv, capsys):
@@ -38,14 +39,6 @@ def test_gru_and_transformer_train_on_digits(model, tmp_path, capsys):
     record = json.loads((tmp_path / model / "config.json").read_text())
     assert record["config"]["model"] == model and record["config"]["layers"] == 1
     assert 0 <= chosen_record(metrics(tmp_path / model))["test_accuracy"] <= 1
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(10):
-        (root / f"module_{i}.py").write_text(TEXT * 6)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,6 @@ SERVE = WITHOUT_JAXNET + textwrap.dedent("""
 """)
 
 TINY = ["--epochs", "1", "--hidden", "8", "--layers", "1", "--heads", "2", "--no-progress"]
-TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n    y = 1\n"
 
 
 def cli(argv, capsys):
@@ -73,14 +72,6 @@ def raw_test(tmp_path_factory):
     path = tmp_path_factory.mktemp("inputs") / "x.npy"
     np.save(path, load_digits().x_test)
     return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(10):
-        (root / f"module_{i}.py").write_text(TEXT * 6)
-    return root
 
 
 def needs(fmt: str) -> None:
