@@ -5,7 +5,6 @@ import math
 
 import pytest
 
-from conftest import TEXT
 
 from jaxnet.app.cli import main
 from jaxnet.app.run import chosen_record
@@ -52,7 +51,7 @@ def text_run(corpus, tmp_path_factory):
     return out
 
 
-def test_a_text_language_model_reports_falling_bits_per_character(text_run):
+def test_a_text_language_model_reports_falling_bits_per_character(text_run, corpus):
     first, second = metrics(text_run)
     for record in (first, second):
         assert record["val_bits_per_char"] == pytest.approx(record["val_loss"] / math.log(2))
@@ -61,7 +60,7 @@ def test_a_text_language_model_reports_falling_bits_per_character(text_run):
     chosen = chosen_record([first, second])  # the test set measures the kept epoch only
     assert chosen["test_bits_per_char"] == pytest.approx(chosen["test_loss"] / math.log(2))
     data = json.loads((text_run / "config.json").read_text())["data"]
-    assert data["task"] == "language_model" and set(TEXT) == set(data["vocab"])
+    assert data["task"] == "language_model" and set((corpus / "module_0.py").read_text()) == set(data["vocab"])
     assert data["example_shape"] == [16] and data["num_classes"] == len(data["vocab"])
 
 

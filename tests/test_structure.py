@@ -96,6 +96,14 @@ def test_no_peer_library_or_benchmark_code_in_the_package():
                                               "tensorboardX", "grain"}, (path, name)
 
 
+def test_no_test_imports_a_conftest():
+    """pytest loads several ``conftest.py`` files under the one module name ``conftest``: which
+    one an import finds depends on collection order, so tests share values through fixtures."""
+    for path in (ROOT / "tests").rglob("*.py"):
+        names = _imported_names(ast.walk(ast.parse(path.read_text())))
+        assert not any(n.split(".")[0] == "conftest" for n in names), path
+
+
 def area(module: str) -> str:
     """The box a module is drawn in: its package for nn, train, _xla and app, else itself."""
     parts = module.split(".")
