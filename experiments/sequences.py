@@ -52,7 +52,7 @@ IMAGE_WIDTHS = {"lstm": 128, "gru": 128, "transformer": 64}
 class Settings:
     models: tuple[str, ...] = MODELS
     seeds: int = 2
-    image_epochs: int = 20
+    image_epochs: int = 12
     text_widths: tuple[int, ...] = (32, 96, 256)
     text_epochs: int = 3
     text_chars: int = 1_500_000
