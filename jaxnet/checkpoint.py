@@ -145,7 +145,7 @@ def save_checkpoint(directory, state, *, metadata: dict[str, Any] | None = None,
         raise
     if keep is not None:
         for old in list_checkpoints(directory)[:-keep]:
-            _delete(old)
+            delete_checkpoint(old)
     return final
 
 
@@ -169,7 +169,7 @@ def _remove_leftovers(directory: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _delete(checkpoint: Path) -> None:
+def delete_checkpoint(checkpoint: Path) -> None:
     """Renames a checkpoint out of ``ckpt-*`` first, so that no half-deleted one is ever listed."""
     doomed = checkpoint.with_name(f".{checkpoint.name}.deleting")
     os.rename(checkpoint, doomed)
@@ -182,18 +182,26 @@ def non_finite_leaves(state) -> list[str]:
     (a path through ``opt_state``), an infinity. An optimizer may hold an infinity on purpose
     (optax's ``reduce_on_plateau`` starts its best value at inf); a NaN it never means to.
 
-    The tests run where the arrays are and one result comes back, so this costs a reduction per
-    leaf, not a copy of the state.
+    The tests run where the arrays are, in one compiled program, and one ``(leaves, 2)`` array
+    comes back: a reduction per leaf, not a copy of the state. One program, not one per leaf:
+    on a mesh the reductions of sharded leaves hold collectives, and several small programs
+    with collectives in flight at once can deadlock XLA's CPU devices.
     """
     floating = [(name, leaf) for name, leaf in named_leaves(state)
                 if jnp.issubdtype(getattr(leaf, "dtype", np.dtype(type(leaf))), jnp.inexact)]
-    flags = jax.device_get([(jnp.isnan(leaf).any(), jnp.isinf(leaf).any())
-                            for _, leaf in floating])
+    flags = np.asarray(_nan_inf([leaf for _, leaf in floating])) if floating else []
     found = []
     for (name, _), (nan, inf) in zip(floating, flags):
         if nan or (inf and "opt_state" not in name.split(".")):
             found.append(f"{name} ({'NaN' if nan else 'inf'})")
     return found
+
+
+@jax.jit
+def _nan_inf(leaves: list) -> jax.Array:
+    """``bool (len(leaves), 2)``: whether each leaf holds a NaN, an infinity."""
+    return jnp.stack([jnp.stack([jnp.isnan(leaf).any(), jnp.isinf(leaf).any()])
+                      for leaf in leaves])
 
 
 def check_finite(state, what: str) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+BATCH_AXES = (DATA_AXIS, "fsdp")  # rows are split over these (where the mesh has them)
 ENV_COORDINATOR = "JAXNET_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXNET_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXNET_PROCESS_ID"
@@ -105,35 +106,51 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def row_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that batch rows are split over: ``data``, and ``fsdp`` where the mesh has
+    it (:mod:`jaxnet.sharding`: FSDP is data parallel too); never ``model``."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def row_devices(mesh: Mesh) -> int:
+    """How many parts the rows are split into: the product of the :func:`row_axes` sizes."""
+    sizes = dict(mesh.shape)
+    return int(np.prod([sizes[a] for a in row_axes(mesh)]))
+
+
 def row_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
-    """Axis ``leading`` split over ``"data"``; the axes before it are not split.
+    """Axis ``leading`` split over the mesh's :func:`row_axes`; the other axes are not split.
 
     ``row_sharding(mesh)`` splits rows ``(n, ...)``; ``row_sharding(mesh, 1)`` splits each batch
     of an epoch ``(batches, batch_size, ...)``.
     """
-    return NamedSharding(mesh, PartitionSpec(*([None] * leading), DATA_AXIS))
+    axes = row_axes(mesh)
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading), axes[0] if len(axes) == 1
+                                             else axes))
 
 
 def check_batch_size(mesh: Mesh, batch_size: int, what: str = "batch_size") -> None:
-    """Raises ValueError unless ``batch_size`` splits evenly over the mesh's devices."""
-    devices = mesh.size
+    """Raises ValueError unless ``batch_size`` splits evenly over the :func:`row_devices`."""
+    devices = row_devices(mesh)
     if batch_size % devices:
         below, above = batch_size // devices * devices, -(-batch_size // devices) * devices
         options = f"{below} or {above}" if below else f"{above}"
-        raise ValueError(f"{what} {batch_size} does not split evenly over {devices} devices; use "
-                         f"a multiple of {devices}, e.g. {options}")
+        split = "" if devices == mesh.size else f" ({' x '.join(row_axes(mesh))})"
+        raise ValueError(f"{what} {batch_size} does not split evenly over {devices} "
+                         f"devices{split}; use a multiple of {devices}, e.g. {options}")
 
 
 def round_up_to_devices(mesh: Mesh, size: int) -> int:
-    """``size`` rounded up to a multiple of the mesh's size (for masked evaluation batches)."""
-    return -(-size // mesh.size) * mesh.size
+    """``size`` rounded up to a multiple of :func:`row_devices` (for masked evaluation batches)."""
+    return -(-size // row_devices(mesh)) * row_devices(mesh)
 
 
 # --- placing arrays -----------------------------------------------------------------------------
 
 
 def padded_rows(n: int, mesh: Mesh) -> int:
-    """The number of rows of the placed training arrays: ``n`` rounded up to the mesh size."""
+    """The number of rows of the placed training arrays: ``n`` rounded up to a multiple of
+    :func:`row_devices`."""
     return round_up_to_devices(mesh, max(n, 1))
 
 
@@ -144,8 +161,24 @@ def process_rows(n: int, mesh: Mesh, process: int | None = None) -> slice:
     blocks may hold padding only).
     """
     process = jax.process_index() if process is None else process
+    _check_process_blocks(mesh)
     per_process = padded_rows(n, mesh) // _process_count(mesh)
     return slice(min(process * per_process, n), min((process + 1) * per_process, n))
+
+
+def _check_process_blocks(mesh: Mesh) -> None:
+    """Raises ValueError when a block of rows belongs to devices of several processes (a
+    ``model`` axis spanning processes): no process could then supply its rows alone."""
+    axes = [mesh.axis_names.index(a) for a in row_axes(mesh)]
+    blocks = np.moveaxis(mesh.devices, axes, range(len(axes))).reshape(row_devices(mesh), -1)
+    for i, block in enumerate(blocks):
+        owners = sorted({d.process_index for d in block})
+        if len(owners) > 1:
+            raise ValueError(f"row block {i} of {len(blocks)} is split over processes {owners}: "
+                             f"each process supplies only its rows when every block of "
+                             f"{' x '.join(row_axes(mesh))} lies in one process; make the "
+                             f"mesh's model axis at most {len(jax.local_devices())} (the devices "
+                             "per process), or have every process load all rows")
 
 
 def _process_count(mesh: Mesh) -> int:
@@ -153,15 +186,16 @@ def _process_count(mesh: Mesh) -> int:
 
 
 def shard_rows(mesh: Mesh, local: np.ndarray, n: int) -> jax.Array:
-    """A global ``(padded_rows(n, mesh), ...)`` array split by rows over ``"data"``.
+    """A global ``(padded_rows(n, mesh), ...)`` array split by rows over the mesh's
+    :func:`row_axes` (replicated over ``model``).
 
     Args:
-      mesh: from :func:`data_mesh`.
+      mesh: from :func:`data_mesh` or :func:`jaxnet.sharding.make_mesh`.
       local: this process's rows only, ``local = all_rows[process_rows(n, mesh)]``; a host array.
       n: the number of real rows over all processes.
 
     Returns:
-      A ``jax.Array`` sharded ``P("data")``, assembled from every process's ``local`` with
+      A ``jax.Array`` sharded by :func:`row_sharding`, assembled from every process's ``local`` with
       ``jax.make_array_from_process_local_data``; rows ``n`` and beyond are zeros.
     """
     local = np.asarray(local)
@@ -282,7 +316,10 @@ def is_main_process() -> bool:
 
 
 def describe(mesh: Mesh) -> dict:
-    """What a run recorded about where it ran: devices, processes, platform, device kind."""
+    """What a run recorded about where it ran: devices, processes, platform, device kind, and
+    the axes of a mesh that is not a 1-D ``data`` mesh."""
     first = mesh.devices.flat[0]
+    axes = {} if mesh.axis_names == (DATA_AXIS,) else {
+        "axes": {name: int(size) for name, size in mesh.shape.items()}}
     return {"devices": int(mesh.size), "processes": _process_count(mesh),
-            "platform": first.platform, "device_kind": first.device_kind}
+            "platform": first.platform, "device_kind": first.device_kind, **axes}

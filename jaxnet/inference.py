@@ -7,6 +7,10 @@ call with as many inputs or more. Only a chunk or two is on the host and the dev
 the outputs go into a preallocated array (``out=``) or straight into a ``.npy`` file
 (``predict_to_file``, written atomically).
 
+With a mesh (``predict(..., mesh=jaxnet.sharding.make_mesh(...))``) the params are laid out
+over its devices by :func:`jaxnet.sharding.param_specs` (a model larger than one device) and
+each chunk's rows are split over ``data`` and ``fsdp``; XLA inserts the collectives.
+
 >>> import jax, numpy as np, jaxnet as jn
 >>> net = jn.serial(jn.Flatten(), jn.Dense(32), jn.relu, jn.Dense(10))
 >>> params = net.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
@@ -21,12 +25,15 @@ import functools
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import jaxnet.data_parallel as data_parallel
+import jaxnet.sharding as sharding
 from jaxnet._xla import options as xla_options
 from jaxnet.nn.layer import Layer, Params, State, shape_str, state_or_empty
 from jaxnet.nn.shapes import describe_input, infer_batch_ndim
@@ -48,6 +55,16 @@ def _compiled_forward(large: bool = False):
     (see :mod:`jaxnet._xla.options`); built at first use, when JAX's backend may start."""
     return xla_options.jit(_forward, static_argnames=("net", "proba", "policy"),
                            forward_rows=xla_options.LARGE_FORWARD_ROWS if large else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_forward(large: bool, mesh: Mesh):
+    """:func:`_compiled_forward` for params and chunks placed on ``mesh``: the inputs' layouts
+    are theirs, the outputs' rows split as the chunks' are (:func:`jaxnet.sharding.batch_sharding`).
+    ``large``: at least ``LARGE_FORWARD_ROWS`` rows per device."""
+    return xla_options.jit(_forward, static_argnames=("net", "proba", "policy"),
+                           forward_rows=xla_options.LARGE_FORWARD_ROWS if large else None,
+                           out_shardings=sharding.batch_sharding(mesh))
 
 
 @functools.lru_cache(maxsize=64)
@@ -93,7 +110,9 @@ def chunk_size(n: int, batch_size: int) -> int:
 class _Plan:
     """What ``predict`` checked before any work: sizes, example shape and dtype, output spec."""
 
-    def __init__(self, net, params, x, model_state, batch_size, proba, preprocess, precision=None):
+    def __init__(self, net, params, x, model_state, batch_size, proba, preprocess, precision=None,
+                 mesh=None, rules=None):
+        _check_mesh(params, mesh, rules)
         policy = get_policy(precision)
         check_params(policy, params, "predict")
         x = jax.tree.map(lambda leaf: leaf if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
@@ -104,6 +123,9 @@ class _Plan:
         self.x, self.preprocess = x, preprocess
         self.on_device = all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(x))
         self.chunk = chunk_size(self.n, int(batch_size))
+        if mesh is not None:  # an equal share of each chunk for every row part
+            parts = sharding.batch_devices(mesh)
+            self.chunk = -(-self.chunk // parts) * parts
         # examples: a tree of ShapeDtypeStruct (no rows); float64 is float32 unless x64 is on
         self.examples = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
             tuple(leaf.shape[1:]), jax.dtypes.canonicalize_dtype(leaf.dtype)), self._example(x))
@@ -122,10 +144,18 @@ class _Plan:
                 f"{describe_input(spec)}, as a single example (for one example, pass x[None])")
         y = _output_spec(net, proba, _signature(self._rows(self.chunk)), policy)
         self.output = jax.ShapeDtypeStruct((self.n,) + y.shape[1:], y.dtype)
-        # on the device once, not with every chunk
-        self.params, self.model_state = jax.device_put((params, model_state))
-        self.run = functools.partial(_compiled_forward(self.chunk >= xla_options.LARGE_FORWARD_ROWS),
-                                     net=net, proba=proba, policy=policy)
+        # on the device(s) once, not with every chunk
+        if mesh is None:
+            self.rows = None
+            self.params, self.model_state = jax.device_put((params, model_state))
+            forward = _compiled_forward(self.chunk >= xla_options.LARGE_FORWARD_ROWS)
+        else:
+            self.rows = sharding.batch_sharding(mesh)
+            self.params, self.model_state = _placed_params(params, mesh, rules), sharding.place(
+                model_state, jax.tree.map(lambda _: data_parallel.replicated(mesh), model_state))
+            forward = _sharded_forward(self.chunk // sharding.batch_devices(mesh)
+                                       >= xla_options.LARGE_FORWARD_ROWS, mesh)
+        self.run = functools.partial(forward, net=net, proba=proba, policy=policy)
 
     def _rows(self, n: int):
         """The spec of ``n`` inputs: ``(n, *example)`` for every leaf."""
@@ -158,12 +188,12 @@ class _Plan:
                                  f"{describe_input(got)}, the first ones "
                                  f"{describe_input(self.examples)}")
             if self.on_device:
-                yield start, stop, jax.tree.map(
-                    lambda leaf, e: _pad(jnp.asarray(leaf, e.dtype), self.chunk, jnp), part,
-                    self.examples)
+                part = jax.tree.map(lambda leaf, e: _pad(jnp.asarray(leaf, e.dtype), self.chunk,
+                                                         jnp), part, self.examples)
+                yield start, stop, part if self.rows is None else jax.device_put(part, self.rows)
             else:  # device_put returns at once; the copy runs while earlier chunks compute
                 yield start, stop, jax.device_put(jax.tree.map(
-                    lambda leaf: _pad(np.asarray(leaf), self.chunk, np), part))
+                    lambda leaf: _pad(np.asarray(leaf), self.chunk, np), part), self.rows)
 
     def outputs(self) -> Iterator[tuple[int, int, jax.Array]]:
         """``(start, stop, y)``, each yielded only after the next chunk has been dispatched,
@@ -176,6 +206,34 @@ class _Plan:
             pending = (start, stop, y)
         if pending is not None:
             yield pending
+
+
+def _check_mesh(params, mesh, rules) -> None:
+    """Raises ValueError for a ``mesh`` that is not a ``Mesh``, or ``rules`` that would go
+    unused: without a mesh, or with params already placed on it (their layout is kept)."""
+    if mesh is None:
+        if rules is not None:
+            raise ValueError("predict: rules lay params out over a mesh; pass mesh too "
+                             "(jaxnet.sharding.make_mesh), or leave rules out")
+        return
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"predict: mesh must be a jax.sharding.Mesh (from "
+                         f"jaxnet.sharding.make_mesh), got {type(mesh).__name__}")
+    if rules is not None and sharding.placed_on(params, mesh):
+        raise ValueError("predict: params are already placed on mesh, and keep their layout; "
+                         "rules would be ignored: leave them out, or pass params from the host "
+                         "to lay them out by rules")
+
+
+def _placed_params(params, mesh: Mesh, rules):
+    """``params`` as placed on ``mesh``: as given when already there, else laid out by
+    :func:`jaxnet.sharding.param_specs` (host values cut, arrays elsewhere moved)."""
+    if sharding.placed_on(params, mesh):
+        return params
+    layout = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                          sharding.param_specs(params, mesh, rules),
+                          is_leaf=lambda node: isinstance(node, PartitionSpec))
+    return sharding.place(params, layout)
 
 
 def _num_rows(x) -> int:
@@ -233,7 +291,8 @@ def _check_out(out, spec: jax.ShapeDtypeStruct) -> None:
 def predict(net: Layer, params: Params, x, *, model_state: State | None = None,
             batch_size: int = 8192, proba: bool = False, progress: bool = False,
             out: np.ndarray | None = None, preprocess: Preprocess | None = None,
-            precision: str | Policy | None = None):
+            precision: str | Policy | None = None, mesh: Mesh | None = None,
+            rules: sharding.ShardingRules | Mapping | None = None):
     """The network's outputs for every input, computed ``batch_size`` inputs at a time.
 
     Equal to ``net.apply(params, x)`` in one go (evaluation mode), without ever holding more
@@ -262,19 +321,30 @@ def predict(net: Layer, params: Params, x, *, model_state: State | None = None,
         JAX inputs).
       precision: the forward pass's policy (see :mod:`jaxnet.precision`): ``None`` (no casts),
         ``"f32"``, ``"bf16"``, ``"f16"`` or a ``Policy``; its outputs are float32.
+      mesh: a ``jax.sharding.Mesh`` (:func:`jaxnet.sharding.make_mesh`) to run on, in one
+        process: params already placed on it keep their layout, any others are laid out by
+        :func:`jaxnet.sharding.param_specs` with ``rules``; ``model_state`` is whole on every
+        device; each chunk's rows are split over ``data`` and ``fsdp`` (chunks are padded to
+        a multiple of ``data * fsdp`` rows). ``None``: the default device.
+      rules: with ``mesh`` and params not yet on it: how the params are laid out
+        (:class:`jaxnet.sharding.ShardingRules` or ``{pattern: spec}`` overrides).
 
     Returns:
       ``(n, *output)``: ``out`` when given; else a NumPy array, or a JAX array when ``x`` is
-      one. The dtype is the network's output dtype (float32 for a float32 network).
+      one (with ``mesh``, on the mesh's devices). The dtype is the network's output dtype
+      (float32 for a float32 network).
 
     Raises:
       ValueError: bad ``batch_size``, a stateful network without ``model_state``, params that
         do not fit examples of ``x``'s shape (naming the shapes), ``x`` without a leading
-        input axis, or ``out`` of the wrong shape.
+        input axis, ``out`` of the wrong shape, ``mesh`` that is not a ``Mesh``, ``rules``
+        without ``mesh`` or with params already placed on it, or ``rules`` that do not fit
+        the params (see :func:`jaxnet.sharding.param_specs`).
       TypeError: inputs the network does not take (e.g. integers into ``Dense``), or ``out``
         that is not a writable NumPy array of a compatible dtype.
     """
-    plan = _Plan(net, params, x, model_state, batch_size, proba, preprocess, precision)
+    plan = _Plan(net, params, x, model_state, batch_size, proba, preprocess, precision, mesh,
+                 rules)
     if out is not None:
         _check_out(out, plan.output)
     elif plan.on_device:
@@ -314,7 +384,8 @@ def predict_proba(net: Layer, params: Params, x, **kwargs):
 def predict_to_file(net: Layer, params: Params, x, path, *, model_state: State | None = None,
                     batch_size: int = 8192, proba: bool = False, progress: bool = False,
                     preprocess: Preprocess | None = None,
-                    precision: str | Policy | None = None) -> Path:
+                    precision: str | Policy | None = None, mesh: Mesh | None = None,
+                    rules: sharding.ShardingRules | Mapping | None = None) -> Path:
     """Writes ``predict(net, params, x, ...)`` to the ``.npy`` file ``path``, all or nothing.
 
     The outputs go chunk by chunk into a memory-mapped temporary file next to ``path`` (so
@@ -331,7 +402,8 @@ def predict_to_file(net: Layer, params: Params, x, path, *, model_state: State |
       ``path`` as a ``Path``.
     """
     path = Path(path)
-    plan = _Plan(net, params, x, model_state, batch_size, proba, preprocess, precision)  # checks first
+    plan = _Plan(net, params, x, model_state, batch_size, proba, preprocess, precision, mesh,
+                 rules)  # checks first
     spec = plan.output
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

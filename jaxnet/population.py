@@ -10,6 +10,13 @@ Each epoch is one ``lax.scan`` over batches whose body is the ``vmap`` of
 batched ones, which is what makes many tiny networks fast on a CPU (one program, one dispatch
 per epoch). A member whose loss becomes NaN keeps training (as NaN) without disturbing the
 others: a sweep is expected to contain learning rates that diverge.
+
+On a mesh (:func:`jaxnet.sharding.make_mesh`, ``fit_population(..., mesh=mesh)``) the members
+are split over ``data`` (K must be a multiple of its size) and each member's params over
+``fsdp`` and ``model`` by :func:`jaxnet.sharding.param_specs`, its optimizer state following
+them (:func:`population_shardings`); the training data is whole on every device. The epoch is
+compiled for that layout and XLA inserts the collectives; the results equal those on one
+device up to float rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import jaxnet.data_parallel as data_parallel
+import jaxnet.sharding as sharding
 from jaxnet._xla import options as xla_options
 from jaxnet.nn.layer import Layer, apply_child, init_child
 from jaxnet.validate import positive_int
@@ -105,14 +116,90 @@ def _member_values(name: str, values, size: int) -> jax.Array:
     return jnp.asarray(array)
 
 
+def _member_sharding(mesh: Mesh, spec: PartitionSpec = PartitionSpec()) -> NamedSharding:
+    """An array with a leading member axis: that axis split over ``data`` (when the mesh has
+    it), the others by ``spec``."""
+    axis = sharding.DATA_AXIS if sharding.DATA_AXIS in mesh.axis_names else None
+    return NamedSharding(mesh, PartitionSpec(axis, *spec))
+
+
+def population_shardings(population: Population, mesh: Mesh,
+                         rules: sharding.ShardingRules | Mapping | None = None, *,
+                         what: str = "population_shardings") -> Population:
+    """The ``NamedSharding`` of every array of ``population`` on ``mesh``.
+
+    The member axis is split over ``data``: each ``data`` group of devices holds ``K / data``
+    members. Each member's params are laid out over ``fsdp`` and ``model`` by
+    :func:`jaxnet.sharding.param_specs` (on one member's shapes), its optimizer state following
+    them (:func:`jaxnet.sharding.state_specs`); every other array (model state, step, key, step
+    counts, injected hyperparameters, dropout rates) is split by member only.
+
+    Args:
+      population: a :class:`Population`, or its ``jax.eval_shape`` (shapes are enough); every
+        leaf has a leading ``(K,)`` member axis.
+      mesh: from :func:`jaxnet.sharding.make_mesh` (a 1-D ``data_mesh`` splits members only).
+      rules: :class:`jaxnet.sharding.ShardingRules` or ``{pattern: spec}`` overrides, for one
+        member's params (dotted names and shapes without the member axis).
+      what: the function named in error messages.
+
+    Returns:
+      A :class:`Population` like ``population`` whose leaves are ``NamedSharding``: a member
+      param's is ``P("data", *its param_specs spec)``.
+
+    Raises:
+      ValueError: K is not a multiple of the mesh's ``data`` size, or ``rules`` do not fit
+        (see :func:`jaxnet.sharding.param_specs`).
+    """
+    data = sharding.axis_size(mesh, sharding.DATA_AXIS)
+    if population.size % data:
+        raise ValueError(
+            f"{what}: {population.size} members do not split over data={data} devices; use a "
+            f"multiple of {data} members, or a mesh whose data size divides {population.size} "
+            f"(e.g. make_mesh(data=1, fsdp=..., model=...))")
+    member = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf)[1:], leaf.dtype),
+                          population.members)
+    specs = sharding.state_specs(member, sharding.param_specs(member.params, mesh, rules))
+    members = jax.tree.map(lambda spec: _member_sharding(mesh, spec), specs,
+                           is_leaf=lambda node: isinstance(node, PartitionSpec))
+    return Population(members, None if population.drop_rate is None else _member_sharding(mesh))
+
+
+def _check_rules(what: str, mesh: Mesh | None, rules) -> None:
+    if rules is not None and mesh is None:
+        raise ValueError(f"{what}: rules lay params out over a mesh; pass mesh too "
+                         f"(jaxnet.sharding.make_mesh), or leave rules out")
+
+
+def _placed_copy(tree, shardings):
+    """``tree``'s arrays laid out by ``shardings`` (a matching tree) in buffers of their own,
+    which a donating call may take: arrays already so laid out are copied, others placed by
+    :func:`jaxnet.sharding.place` (host values cut, arrays on other devices moved)."""
+    def leaf_copy(leaf, target: NamedSharding):
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(target, leaf.ndim):
+            return jnp.copy(leaf)
+        return sharding.place(leaf, target)
+
+    return jax.tree.map(leaf_copy, tree, shardings)
+
+
+def _data_arrays(data: tuple[Any, Any], mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+    """``(x, y)`` on the default device, or with ``mesh`` whole on each of its devices."""
+    if mesh is None:
+        return tuple(map(jnp.asarray, data))
+    return tuple(sharding.place(np.asarray(a), data_parallel.replicated(mesh)) for a in data)
+
+
 def init_population(net: Layer, optimizer: optax.GradientTransformation, x, *,
                     seeds: Sequence[int], hyperparams: Mapping[str, Sequence[float]] | None = None,
                     drop_rate: Sequence[float] | None = None,
-                    init_scale: Sequence[float] | None = None) -> Population:
+                    init_scale: Sequence[float] | None = None, mesh: Mesh | None = None,
+                    rules: sharding.ShardingRules | Mapping | None = None) -> Population:
     """K fresh members at step 0, initialised in one compiled program.
 
     Member ``i`` is what ``jaxnet.app.run.train`` starts from with ``seed=seeds[i]``: its init key
-    and run key are ``jax.random.split(jax.random.key(seeds[i]))``.
+    and run key are ``jax.random.split(jax.random.key(seeds[i]))``. With ``mesh`` the members
+    are created laid out by :func:`population_shardings`, each device computing only its
+    shards, with the same values as without.
 
     Args:
       net: the network.
@@ -125,10 +212,19 @@ def init_population(net: Layer, optimizer: optax.GradientTransformation, x, *,
       drop_rate: K dropout rates in ``[0, 1)`` replacing those of the network's Dropout layers
         (which must be built with a nonzero rate for the override to take effect).
       init_scale: K factors multiplying every initial parameter of each member.
+      mesh: a ``jax.sharding.Mesh`` from :func:`jaxnet.sharding.make_mesh` to create the
+        members on (K must be a multiple of its ``data`` size); ``None``: the default device.
+      rules: with ``mesh``: how each member's params are laid out, as for
+        :func:`jaxnet.sharding.param_specs`.
 
     Returns:
-      A :class:`Population` of K members.
+      A :class:`Population` of K members; every leaf has a leading ``(K,)`` axis.
+
+    Raises:
+      ValueError: bad seeds or per-member values, hyperparameters the optimizer does not
+        inject, ``rules`` without ``mesh``, or K not a multiple of the mesh's ``data`` size.
     """
+    _check_rules("init_population", mesh, rules)
     seeds = np.asarray(seeds)
     if seeds.ndim != 1 or seeds.size == 0 or not np.issubdtype(seeds.dtype, np.integer):
         raise ValueError(f"init_population: seeds must be a non-empty list of integers; got "
@@ -150,8 +246,13 @@ def init_population(net: Layer, optimizer: optax.GradientTransformation, x, *,
         state = init_train_state(net, optimizer, params, model_state=model_state, key=run_key)
         return state._replace(opt_state=set_hyperparams(state.opt_state, hyper))
 
-    members = jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32), values, scale)
-    return Population(members, rates)
+    build, inputs = jax.vmap(one), (jnp.asarray(seeds, jnp.int32), values, scale)
+    if mesh is None:
+        return Population(jax.jit(build)(*inputs), rates)
+    shardings = population_shardings(Population(jax.eval_shape(build, *inputs), rates), mesh,
+                                     rules, what="init_population")
+    members = jax.jit(build, out_shardings=shardings.members)(*inputs)
+    return Population(members, _placed_copy(rates, shardings.drop_rate))
 
 
 def make_population_epoch(net: Layer, optimizer: optax.GradientTransformation, loss: LossFn,
@@ -214,7 +315,9 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
                    progress: bool | None = None, progress_every: int | None = None,
                    on_epoch: Callable[[dict, Population], None] | None = None,
                    precision: str | None = None,
-                   validation_data: tuple[Any, Any] | None = None) -> tuple[Population, list[dict]]:
+                   validation_data: tuple[Any, Any] | None = None, mesh: Mesh | None = None,
+                   rules: sharding.ShardingRules | Mapping | None = None
+                   ) -> tuple[Population, list[dict]]:
     """Trains every member of ``population``, each epoch one compiled program for all of them.
 
     Args:
@@ -236,14 +339,28 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
       precision: ``None``, ``"f32"`` or ``"bf16"``, as in :func:`jaxnet.train.fit`.
       validation_data: optional held-out ``(x, y)`` to choose members and epochs on
         (:func:`best_member`), evaluated for every member after each epoch.
+      mesh: a ``jax.sharding.Mesh`` from :func:`jaxnet.sharding.make_mesh` to train on: the
+        members split over ``data`` (K must be a multiple of its size), each member's params
+        and optimizer state over ``fsdp`` and ``model`` (:func:`population_shardings`), the
+        data whole on every device. ``population`` may be on the default device, on the mesh
+        (``init_population(..., mesh=mesh)``) or on another mesh; the returned one is laid
+        out on ``mesh``. ``None``: the default device.
+      rules: with ``mesh``: how each member's params are laid out, as for
+        :func:`jaxnet.sharding.param_specs` (e.g. ``ShardingRules(fsdp_min_size=...)``).
 
     Returns:
       ``(population, history)``: one dict per epoch with ``epoch``, per-member lists
       ``train_loss, train_accuracy[, val_loss, val_accuracy][, test_loss, test_accuracy]``
       (length K; NaN for a member that diverged), ``seconds`` and ``examples_per_second``
       (over all members); the first also has ``compile_seconds``.
+
+    Raises:
+      ValueError: data that does not fit the network, members at different steps or off an
+        epoch boundary, ``rules`` without ``mesh``, or K not a multiple of the mesh's ``data``
+        size (the message names both).
     """
-    x, y = map(jnp.asarray, train_data)
+    _check_rules("fit_population", mesh, rules)
+    x, y = _data_arrays(train_data, mesh)
     first = population.member(0)
     _check_data(net, first.params, x, y, "train_data")
     n = x.shape[0]
@@ -260,13 +377,20 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
         net, optimizer, loss, n, batch_size, shared_order=shared_order,
         progress=reporter.update if reporter.active else None, progress_every=progress_every,
         precision=precision)
-    population = jax.tree.map(jnp.copy, population)  # the epochs donate it
+    if mesh is None:  # a copy: the epochs donate it
+        population, shardings, layout = jax.tree.map(jnp.copy, population), None, {}
+    else:  # a copy laid out on the mesh, the epoch compiled for it: XLA inserts the collectives
+        shardings = population_shardings(population, mesh, rules, what="fit_population")
+        replicated = data_parallel.replicated(mesh)
+        population = _placed_copy(population, shardings)
+        layout = {"in_shardings": (shardings, replicated, replicated, replicated),
+                  "out_shardings": (shardings, _member_sharding(mesh))}
 
     start = time.perf_counter()
-    compiled = xla_options.jit(epoch_fn, donate_argnums=0).lower(
+    compiled = xla_options.jit(epoch_fn, donate_argnums=0, **layout).lower(
         population, x, y, jnp.int32(0)).compile()
     evaluations = [_compile_member_evaluation(net, loss, data, eval_batch_size, precision,
-                                              population, prefix)
+                                              population, prefix, shardings)
                    for prefix, data in (("val", validation_data), ("test", eval_data))
                    if data is not None]
     compile_seconds = time.perf_counter() - start
@@ -285,15 +409,23 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
 
 
 def _compile_member_evaluation(net, loss, eval_data, eval_batch_size, precision,
-                               population: Population, prefix: str) -> Callable[[Population], dict]:
+                               population: Population, prefix: str,
+                               shardings: Population | None = None
+                               ) -> Callable[[Population], dict]:
     """``population -> {"<prefix>_loss": [...], "<prefix>_accuracy": [...]}``, compiled for
-    ``eval_data``."""
-    x_eval, y_eval = map(jnp.asarray, eval_data)
+    ``eval_data``; with ``shardings`` (from :func:`population_shardings`) for that layout, the
+    data whole on every device."""
+    mesh = None if shardings is None else shardings.members.step.mesh
+    x_eval, y_eval = _data_arrays(eval_data, mesh)
     _check_data(net, population.member(0).params, x_eval, y_eval,
                 "eval_data" if prefix == "test" else "validation_data")
     evaluate = make_evaluate(net, loss, x_eval.shape[0], min(eval_batch_size, x_eval.shape[0]),
                              precision=precision)
-    compiled = xla_options.jit(jax.vmap(evaluate, (0, 0, None, None))).lower(
+    layout = {} if mesh is None else {
+        "in_shardings": (shardings.members.params, shardings.members.model_state,
+                         data_parallel.replicated(mesh), data_parallel.replicated(mesh)),
+        "out_shardings": _member_sharding(mesh)}
+    compiled = xla_options.jit(jax.vmap(evaluate, (0, 0, None, None)), **layout).lower(
         population.members.params, population.members.model_state, x_eval, y_eval).compile()
 
     def evaluate_members(population):

@@ -48,10 +48,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxnet._version import __version__
-from jaxnet.checkpoint import CheckpointError
+from jaxnet.checkpoint import CheckpointError, delete_checkpoint
 from jaxnet.run_manifest import manifest_digest
 from jaxnet.sharding import param_specs, state_specs
 from jaxnet.trees import compare_trees, named_leaves
+from jaxnet.validate import positive_int
 
 FORMAT = "jaxnet-sharded-checkpoint"
 FORMAT_VERSION = 1
@@ -176,7 +177,7 @@ def _versions() -> dict[str, str]:
 
 
 def save_sharded(directory, state, step: int | None = None, *,
-                 metadata: dict[str, Any] | None = None) -> Path:
+                 metadata: dict[str, Any] | None = None, keep: int | None = None) -> Path:
     """Saves a (sharded) ``state`` as ``directory/ckpt-<step>``; every process must call it.
 
     Args:
@@ -185,6 +186,8 @@ def save_sharded(directory, state, step: int | None = None, *,
         process writes the shards of its own devices.
       step: the checkpoint's step; default ``int(state.step)``.
       metadata: JSON values stored in the manifest (the epoch, the run's config).
+      keep: when given, only the ``keep`` newest complete sharded checkpoints are kept
+        (process 0 removes the older ones, once every process has written).
 
     Returns:
       The checkpoint's directory.
@@ -196,6 +199,8 @@ def save_sharded(directory, state, step: int | None = None, *,
       ImportError: orbax-checkpoint is not installed.
     """
     ocp = _orbax()
+    if keep is not None:
+        positive_int("save_sharded", "keep", keep)
     step = int(state.step) if step is None else int(step)
     final = Path(directory) / f"ckpt-{step:06d}"
     if final.exists() or final.is_symlink():
@@ -223,6 +228,9 @@ def save_sharded(directory, state, step: int | None = None, *,
             MANIFEST_ITEM: ocp.args.JsonSave(manifest)}))
     finally:
         checkpointer.close()
+    if keep is not None and jax.process_index() == 0:  # Orbax's save ends with a barrier
+        for old in list_sharded(directory)[:-keep]:
+            delete_checkpoint(old)
     return final
 
 

@@ -24,10 +24,13 @@ The mesh has three named axes (:func:`make_mesh`):
 (tensor parallel to FSDP alone, FSDP to the next largest divisible axis, then to replication);
 a user rule that does not divide raises, naming the param, the pattern and the sizes.
 
+Training on such a mesh: ``fit(..., mesh=mesh, rules=rules)``,
+``make_train_step(..., mesh=mesh, rules=rules)``, ``fit_population``, ``evaluate`` and
+``predict`` take the same two arguments; ``jaxnet.train.init_sharded`` creates a state
+already sharded.
+
 >>> mesh = make_mesh(data=2, fsdp=4)
->>> state, specs = init_sharded(net, optax.adam(1e-3), key, x[:1], mesh)
->>> step = sharded_train_step(net, optax.adam(1e-3), mesh=mesh, specs=specs)
->>> state, metrics = step(state, x_batch, y_batch)
+>>> state, history = fit(net, params, optax.adam(1e-3), (x, y), epochs=5, mesh=mesh)
 """
 
 from __future__ import annotations
@@ -37,24 +40,23 @@ import fnmatch
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxnet import data_parallel
-from jaxnet.losses import is_model_loss, softmax_cross_entropy
-from jaxnet.nn.layer import Layer
-from jaxnet.train.state import LossFn, TrainState, init_train_state, train_batch
+import jaxnet.data_parallel as data_parallel
 from jaxnet.trees import named_leaves, shape_str
 from jaxnet.validate import positive_int
 
+if TYPE_CHECKING:
+    from jaxnet.train.state import TrainState
+
 DATA_AXIS, FSDP_AXIS, MODEL_AXIS = data_parallel.DATA_AXIS, "fsdp", "model"
 AXES = (DATA_AXIS, FSDP_AXIS, MODEL_AXIS)
-BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # FSDP is data parallel too: batch rows go over both
+BATCH_AXES = data_parallel.BATCH_AXES  # FSDP is data parallel too: batch rows go over both
 
 # Params whose Dense-like parent has one of these names are column-parallel (output axis over
 # "model"), with "out" row-parallel (input axis): attention's projections, FeedForward's pair,
@@ -138,15 +140,8 @@ def axis_size(mesh: Mesh | AbstractMesh, axis: str) -> int:
     return dict(mesh.shape).get(axis, 1)
 
 
-def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
-    """Batch rows (axis ``leading``) split over ``data`` and ``fsdp``; the rest whole."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(*([None] * leading), axes))
-
-
-def batch_devices(mesh: Mesh | AbstractMesh) -> int:
-    """How many parts each batch is split into: ``data * fsdp``."""
-    return math.prod(axis_size(mesh, a) for a in BATCH_AXES)
+batch_sharding = data_parallel.row_sharding  # rows split over data and fsdp
+batch_devices = data_parallel.row_devices  # how many parts each batch is split into
 
 
 # --- rules --------------------------------------------------------------------------------------
@@ -356,6 +351,9 @@ def _tensor_parallel_dim(name: str, shape: tuple[int, ...], roles: Mapping[str, 
 # --- the training state -------------------------------------------------------------------------
 
 
+_STATE_FIELDS = ("params", "model_state", "opt_state", "step", "key")  # TrainState's
+
+
 def state_specs(state: TrainState, specs) -> TrainState:
     """A ``TrainState`` of ``PartitionSpec``: params by ``specs``, optimizer state following.
 
@@ -374,8 +372,11 @@ def state_specs(state: TrainState, specs) -> TrainState:
     opt = jax.tree.map(lambda node: specs if like_params(node) else PartitionSpec(),
                        state.opt_state, is_leaf=like_params)
     replicated = lambda tree: jax.tree.map(lambda _: PartitionSpec(), tree)  # noqa: E731
-    return TrainState(specs, replicated(state.model_state), opt, PartitionSpec(),
-                      PartitionSpec())
+    # a state with more fields (the CLI's RunState: ``best``, a TrainState) lays them out alike
+    extra = {name: state_specs(value, specs) if hasattr(value, "opt_state") else replicated(value)
+             for name, value in zip(state._fields, state) if name not in _STATE_FIELDS}
+    return state._replace(params=specs, model_state=replicated(state.model_state),
+                          opt_state=opt, step=PartitionSpec(), key=PartitionSpec(), **extra)
 
 
 def state_shardings(state: TrainState, mesh: Mesh, specs) -> TrainState:
@@ -405,52 +406,36 @@ def place(tree, shardings):
     return jax.tree.map(place_leaf, tree, shardings)
 
 
+def placed_on(tree, mesh: Mesh) -> bool:
+    """Whether every leaf of ``tree`` is a ``jax.Array`` placed on ``mesh`` (by any specs)."""
+    return all(isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding)
+               and a.sharding.mesh == mesh for a in jax.tree.leaves(tree))
+
+
+def is_sharded(tree) -> bool:
+    """Whether some array of ``tree`` is split over devices (not held whole on each of them):
+    such a state is checkpointed shard by shard (:mod:`jaxnet.sharded_checkpoint`)."""
+    return any(isinstance(a, jax.Array) and not a.sharding.is_fully_replicated
+               for a in jax.tree.leaves(tree))
+
+
+def shard_params(params, mesh: Mesh, rules: ShardingRules | Mapping[Pattern, Any] | None = None):
+    """``params`` on ``mesh``: as they are when every array is placed there already, else
+    laid out by :func:`param_specs` with ``rules`` (see :func:`place`)."""
+    if placed_on(params, mesh):
+        return params
+    specs = param_specs(params, mesh, rules)
+    return place(params, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                                      is_leaf=lambda x: isinstance(x, PartitionSpec)))
+
+
 def shard_state(state: TrainState, mesh: Mesh, specs) -> TrainState:
     """``state`` placed on ``mesh``: params by ``specs``, the optimizer state following them
     (:func:`state_specs`), the rest replicated. See :func:`place` for where values come from."""
     return place(state, state_shardings(state, mesh, specs))
 
 
-def init_sharded(net: Layer, optimizer: optax.GradientTransformation, key: jax.Array, x,
-                 mesh: Mesh, rules: ShardingRules | Mapping[Pattern, Any] | None = None, *,
-                 run_key: jax.Array | None = None) -> tuple[TrainState, Any]:
-    """A fresh ``TrainState`` created sharded: no device ever holds a whole param.
-
-    The params are initialised inside one program compiled with the state's shardings as its
-    outputs, so each device computes and keeps only its shards (a model larger than one
-    device can start). With JAX's partitionable ``threefry`` (the default) the values equal
-    ``net.init_with_state(key, x)`` on one device.
-
-    Args:
-      net, optimizer: the network and optax optimizer.
-      key: the initialisation key (as for ``net.init``).
-      x: an example batch, its shape's ``jax.ShapeDtypeStruct``, or a pytree of them.
-      mesh, rules: as for :func:`param_specs`.
-      run_key: the run's PRNG key (dropout, shuffling); default ``jax.random.key(0)``.
-
-    Returns:
-      ``(state, specs)``: the sharded ``TrainState`` and the params' ``PartitionSpec`` tree.
-    """
-    x = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), x)
-
-    def build(key, run_key):
-        params, model_state = net.init_with_state(key, x)
-        return init_train_state(net, optimizer, params, model_state=model_state, key=run_key)
-
-    run_key = jax.random.key(0) if run_key is None else run_key
-    abstract = jax.eval_shape(build, key, run_key)
-    specs = param_specs(abstract.params, mesh, rules)
-    state = jax.jit(build, out_shardings=state_shardings(abstract, mesh, specs))(key, run_key)
-    return state, specs
-
-
-# --- the train step -----------------------------------------------------------------------------
-
-
-def check_batch_size(mesh: Mesh, batch_size: int, what: str = "batch_size") -> None:
-    """Raises ValueError unless ``batch_size`` splits evenly over ``data * fsdp``."""
-    data_parallel.check_batch_size(AbstractMesh((batch_devices(mesh),), (DATA_AXIS,)),
-                                   batch_size, what)
+# --- batches -------------------------------------------------------------------------------------
 
 
 def shard_batch(mesh: Mesh, batch):
@@ -458,50 +443,6 @@ def shard_batch(mesh: Mesh, batch):
     ``data`` and ``fsdp``; each process transfers only the rows of its own devices."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda a: place(a, sharding), batch)
-
-
-def sharded_train_step(net: Layer, optimizer: optax.GradientTransformation,
-                       loss: LossFn = softmax_cross_entropy, *, mesh: Mesh, specs,
-                       precision=None) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """A jitted ``step(state, x, y) -> (state, metrics)`` for a sharded state.
-
-    The step is :func:`jaxnet.train.train_batch` compiled with the state's shardings
-    (:func:`state_shardings`) in and out, and each batch split over ``data`` and ``fsdp``;
-    XLA inserts the collectives. The state's buffers are donated.
-
-    Args:
-      net, optimizer, loss, precision: as for :func:`jaxnet.train.make_train_step`.
-      mesh: from :func:`make_mesh`; specs: from :func:`param_specs` or :func:`init_sharded`.
-
-    The returned step takes ``state`` placed by :func:`shard_state` or :func:`init_sharded`,
-    and ``x``, ``y``: ``(batch, ...)`` arrays (or pytrees), either host arrays holding the whole
-    batch on every process or arrays placed by :func:`shard_batch`; ``batch`` must be a
-    multiple of ``data * fsdp``. ``metrics`` is ``{"loss": mean loss, "accuracy": fraction
-    correct}`` (a model loss: ``{"loss": ..., **aux}``), float32 scalars on the devices.
-    """
-    model = is_model_loss(loss)
-    batch = batch_sharding(mesh)
-    replicated = data_parallel.replicated(mesh)
-    compiled: dict[str, Callable] = {}
-
-    def step(state, x, y):
-        state, sums = train_batch(net, optimizer, loss, state, x, y, precision=precision)
-        metrics = {"loss": sums.loss} if model else {"loss": sums.loss, "accuracy": sums.correct}
-        metrics.update(sums.extra or {})
-        return state, {name: value / sums.count for name, value in metrics.items()}
-
-    def run(state: TrainState, x, y):
-        check_batch_size(mesh, jax.tree.leaves(x)[0].shape[0], "sharded_train_step: batch")
-        x, y = (tree if all(isinstance(a, jax.Array) and a.sharding == batch
-                            for a in jax.tree.leaves(tree)) else shard_batch(mesh, tree)
-                for tree in (x, y))
-        if "step" not in compiled:  # the shardings need the optimizer state's structure
-            shardings = state_shardings(state, mesh, specs)
-            compiled["step"] = jax.jit(step, in_shardings=(shardings, batch, batch),
-                                       out_shardings=(shardings, replicated), donate_argnums=0)
-        return compiled["step"](state, x, y)
-
-    return run
 
 
 # --- measuring ----------------------------------------------------------------------------------

@@ -93,14 +93,15 @@ def reference(net, loss, batches, steps=STEPS):
 _STEPS: dict = {}
 
 
-def train_step(net, loss, mesh, specs):
-    """The sharded step of a model on a mesh with a layout, made (and compiled) once."""
+def train_step(net, loss, mesh):
+    """The sharded step of a model on a mesh, made (and compiled) once; it keeps the layout of
+    the state it is given, placed by ``init_sharded``, ``shard_state`` or a restore."""
     import optax
-    from jaxnet import sharding
-    key = (net, loss, mesh, str(specs))
+    from jaxnet.train import make_train_step
+    key = (net, loss, mesh)
     if key not in _STEPS:
-        _STEPS[key] = sharding.sharded_train_step(net, optax.adam(OPTIMIZER_LR), loss, mesh=mesh,
-                                                  specs=specs)
+        _STEPS[key] = make_train_step(net, optax.adam(OPTIMIZER_LR), loss, mesh=mesh,
+                                      rules=rules())
     return _STEPS[key]
 
 
@@ -111,16 +112,17 @@ def sharded(net, loss, batches, mesh, steps=STEPS, state=None, specs=None, first
     import jax
     import optax
     from jaxnet import sharding
+    from jaxnet.train import init_sharded
 
     if state is None and dict(mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}:
-        state, specs = sharding.init_sharded(net, optax.adam(OPTIMIZER_LR), jax.random.key(0),
-                                             batches(0)[0][:1], mesh, rules())
+        state, specs = init_sharded(net, optax.adam(OPTIMIZER_LR), jax.random.key(0),
+                                    batches(0)[0][:1], mesh, rules())
     elif state is None:
         state = fresh_state(net, batches)
         specs = sharding.param_specs(state.params, mesh, rules())
         state = sharding.shard_state(state, mesh, specs)
     initial = host(state.params)  # before the step donates them
-    step = train_step(net, loss, mesh, specs)
+    step = train_step(net, loss, mesh)
     losses = []
     for i in range(first, first + steps):
         state, metrics = step(state, *batches(i))

@@ -21,8 +21,8 @@ from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
 import jaxnet as jn
-from jaxnet import sharding
-from jaxnet.train import init_train_state
+from jaxnet import data_parallel, sharding
+from jaxnet.train import init_sharded, init_train_state
 from jaxnet.trees import leaves_by_name, named_leaves
 from support import CHILD_ENV, free_port, run_processes
 
@@ -92,10 +92,11 @@ def test_parse_mesh():
 def test_batch_size_must_split_over_data_and_fsdp():
     mesh = abstract_mesh(2, 2, 2)
     assert sharding.batch_devices(mesh) == 4
-    sharding.check_batch_size(mesh, 12)  # the model axis does not split the batch
-    with pytest.raises(ValueError, match="batch 6 does not split evenly over 4 devices; use a "
-                                         "multiple of 4, e.g. 4 or 8"):
-        sharding.check_batch_size(mesh, 6, "batch")
+    data_parallel.check_batch_size(mesh, 12)  # the model axis does not split the batch
+    with pytest.raises(ValueError, match=re.escape(
+            "batch 6 does not split evenly over 4 devices (data x fsdp); use a multiple of 4, "
+            "e.g. 4 or 8")):
+        data_parallel.check_batch_size(mesh, 6, "batch")
 
 
 # --- rules --------------------------------------------------------------------------------------
@@ -249,8 +250,8 @@ def test_sharded_training_on_one_device_equals_the_plain_step():
     plain = init_train_state(net, optax.adam(1e-2), net.init(jax.random.key(0), x[:1]))
     plain, metrics = jn.make_train_step(net, optax.adam(1e-2))(plain, x, y)
     mesh = sharding.make_mesh()
-    state, specs = sharding.init_sharded(net, optax.adam(1e-2), jax.random.key(0), x[:1], mesh)
-    step = sharding.sharded_train_step(net, optax.adam(1e-2), mesh=mesh, specs=specs)
+    state, _ = init_sharded(net, optax.adam(1e-2), jax.random.key(0), x[:1], mesh)
+    step = jn.make_train_step(net, optax.adam(1e-2), mesh=mesh)
     state, sharded_metrics = step(state, x, y)
     assert set(sharded_metrics) == {"loss", "accuracy"}
     np.testing.assert_allclose(sharded_metrics["loss"], metrics["loss"], rtol=1e-6)

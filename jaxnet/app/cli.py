@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=TRAINING_PRECISIONS)
     _add_config_option(train, "--devices", "all local devices",
                        "train data-parallel on N devices of each process", type=int, metavar="N")
+    _add_config_option(train, "--mesh", "data over all devices",
+                       "train on a data x fsdp x model mesh, e.g. data=2,fsdp=4: params and "
+                       "optimizer state sharded over fsdp and model (docs/scaling.md)",
+                       metavar="AXIS=N,...")
     _add_config_option(train, "--validation-split", defaults.validation_split,
                        _HELP["validation_split"], type=float, metavar="F")
     _add_config_option(train, "--patience", defaults.patience,
@@ -625,7 +629,7 @@ _FLAGS = {"batch_size": "--batch-size", "batch-size": "--batch-size", "epochs": 
           "init_scale": "--init-scale", "seed": "--seed", "init-scale": "--init-scale", "seeds": "--seeds",
           "checkpoint-every": "--checkpoint-every", "keep-checkpoints": "--keep-checkpoints",
           "on_nan": "--on-nan", "on-nan": "--on-nan", "precision": "--precision",
-          "devices": "--devices", "layers": "--layers", "heads": "--heads",
+          "devices": "--devices", "mesh": "--mesh", "layers": "--layers", "heads": "--heads",
           "seq-len": "--seq-len", "max-chars": "--max-chars", "num-processes": "--num-processes",
           "process-id": "--process-id", "coordinator": "--coordinator",
           "validation-split": "--validation-split", "patience": "--patience", "task": "--task"}

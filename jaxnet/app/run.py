@@ -29,6 +29,7 @@ from jaxnet._version import __version__
 from jaxnet import data as datasets
 from jaxnet import data_parallel
 from jaxnet import data_shards
+from jaxnet import sharding
 from jaxnet import text
 from jaxnet.checkpoint import (CheckpointError, check_checkpoints, check_finite,
                                latest_checkpoint, list_checkpoints, restore_checkpoint,
@@ -43,6 +44,7 @@ from jaxnet.app.rundir import strict_dumps
 from jaxnet.precision import TRAINING_PRECISIONS
 from jaxnet.run_manifest import (CONFIG_FILE, PARAMS_FILE, STATE_FILE, is_finished, verify_run,
                                  warn_unverified, write_run_manifest)
+from jaxnet.sharded_checkpoint import list_sharded, restore_sharded, save_sharded
 from jaxnet.tensorfile import atomic_write, save_params
 from jaxnet.train import ON_NAN, TrainState, evaluate, fit, init_train_state
 from jaxnet.train.callbacks import VALIDATION, EarlyStopping
@@ -84,6 +86,7 @@ class RunConfig:
     on_nan: str = "stop"  # or "skip": leave out the updates of batches with a non-finite loss
     precision: str = "f32"  # "bf16": bfloat16 product operands; "bf16-full": bfloat16 forward
     devices: int | None = None  # data parallel over this many devices per process; None: all
+    mesh: str | None = None  # "data=2,fsdp=4": a data x fsdp x model mesh (jaxnet.sharding)
     validation_split: float = 0.1  # training rows held out to choose the epoch on; 0: none
     patience: int = 0  # stop after this many epochs without a better validation; 0: never
     task: str = "classification"  # or "regression" (dataset npz): float targets, MSE loss
@@ -117,6 +120,8 @@ class RunConfig:
             (self.precision in TRAINING_PRECISIONS, f"precision must be one of "
              f"{', '.join(TRAINING_PRECISIONS)}; got {self.precision!r}"),
             (self.devices is None or _is_count(self.devices, 1), f"devices must be a positive integer, got {self.devices!r}"),
+            (self.mesh is None or self.devices is None, f"--mesh {self.mesh} and --devices "
+             f"{self.devices} cannot be combined: the mesh's sizes cover every device"),
             (isinstance(self.validation_split, (int, float)) and not isinstance(self.validation_split, bool)
              and 0 <= self.validation_split < 1, f"validation-split must be in [0, 1), got {self.validation_split!r}"),
             (_is_count(self.patience, 0), f"patience must be an integer >= 0, got {self.patience!r}"),
@@ -129,6 +134,8 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.mesh is not None:
+            sharding.parse_mesh(self.mesh)  # raises, quoting it
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -342,7 +349,13 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
                              "nothing to resume")
         if manifest is None:
             warn_unverified(out_dir)
-    mesh = data_parallel.data_mesh(config.devices)  # several processes: process 0 writes files
+    mesh = (sharding.make_mesh(**sharding.parse_mesh(config.mesh)) if config.mesh else
+            data_parallel.data_mesh(config.devices))  # several processes: process 0 writes files
+    sharded = sharding.axis_size(mesh, "fsdp") * sharding.axis_size(mesh, "model") > 1
+    if sharded and jax.process_count() > 1:
+        raise ValueError(f"--mesh {config.mesh}: sharded params (fsdp or model > 1) train in one "
+                         "process from the command line (all of its devices); across processes, "
+                         "call jaxnet.fit(..., mesh=make_mesh(...)) (docs/scaling.md)")
     writes = out_dir is not None and data_parallel.is_main_process()
     dataset, stats = load_data(config, mesh)  # several processes: each reads only its rows
     dataset, validation = split_validation(dataset, config.validation_split)
@@ -367,10 +380,11 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
         if resume:
             _check_same_data(out_dir, dataset, stats)
             if selector is None:
-                state, history = _restore_run(out_dir / "checkpoints", state, config)
+                state, history = _restore_run(out_dir / "checkpoints", state, config,
+                                              mesh if sharded else None)
             else:
                 saved, history = _restore_run(out_dir / "checkpoints", RunState(*state, state),
-                                              config)
+                                              config, mesh if sharded else None)
                 state = saved.train_state
                 selector.resume(history, saved.best)
         elif writes:
@@ -379,7 +393,7 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
             write_run_manifest(out_dir, [CONFIG_FILE])  # --resume verifies config.json
     if writes:
         atomic_write(out_dir / "metrics.jsonl", "".join(strict_dumps(r) + "\n" for r in history).encode())
-        on_epoch = _run_writer(out_dir, config, history, language_model, selector)
+        on_epoch = _run_writer(out_dir, config, history, language_model, selector, sharded)
     loss = (token_cross_entropy if language_model else
             mean_squared_error if config.task == REGRESSION else softmax_cross_entropy)
     try:
@@ -394,6 +408,8 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
                          num_examples=None if dataset.train_rows is None else n_train)
         if writes:  # the last update may have diverged with a finite loss before it
             check_finite(state, "the end of the run: not saved")
+        if sharded:  # the files hold whole arrays
+            state = state._replace(params=jax.device_get(state.params))
     except FloatingPointError as error:
         if out_dir is None:
             raise
@@ -437,9 +453,12 @@ def _mark_chosen(history: list[dict], selector: EarlyStopping | None, net: Layer
 
 
 def _run_writer(out_dir: Path, config: RunConfig, history: list[dict],
-                language_model: bool = False, selector: EarlyStopping | None = None):
+                language_model: bool = False, selector: EarlyStopping | None = None,
+                sharded: bool = False):
     """``on_epoch`` for ``fit``: appends to ``history`` and ``metrics.jsonl``, checkpoints
-    (with ``selector``, the best epoch's state too: a :class:`RunState`)."""
+    (with ``selector``, the best epoch's state too: a :class:`RunState`; ``sharded``: through
+    Orbax, shard by shard, :mod:`jaxnet.sharded_checkpoint`)."""
+    save = save_sharded if sharded else save_checkpoint
     metrics_file = out_dir / "metrics.jsonl"
 
     def on_epoch(record, state):
@@ -454,23 +473,29 @@ def _run_writer(out_dir: Path, config: RunConfig, history: list[dict],
             if selector is not None:  # fit calls on_epoch after the selector saw the epoch
                 state = RunState(*state, state if selector.best_state is None
                                  else selector.best_state)
-            save_checkpoint(out_dir / "checkpoints", state, keep=config.keep_checkpoints,
-                            metadata={"epoch": record["epoch"], "config": config.to_json(),
-                                      "history": history})
+            save(out_dir / "checkpoints", state, keep=config.keep_checkpoints,
+                 metadata={"epoch": record["epoch"], "config": config.to_json(),
+                           "history": history})
 
     return on_epoch
 
 
-def _restore_run(checkpoints: Path, template: TrainState | RunState, config: RunConfig
+def _restore_run(checkpoints: Path, template: TrainState | RunState, config: RunConfig,
+                 mesh: jax.sharding.Mesh | None = None
                  ) -> tuple[TrainState | RunState, list[dict]]:
-    """The state and history of the latest checkpoint; ``(template, [])`` when there is none."""
-    check_checkpoints(checkpoints)  # a damaged newest one would block its step's save
-    found = list_checkpoints(checkpoints)
+    """The state and history of the latest checkpoint; ``(template, [])`` when there is none.
+    With ``mesh``: of the latest sharded checkpoint, restored onto ``mesh`` by jaxnet's rules."""
+    if mesh is None:
+        check_checkpoints(checkpoints)  # a damaged newest one would block its step's save
+        found, restore = list_checkpoints(checkpoints), restore_checkpoint
+    else:  # an interrupted Orbax save is never listed
+        found = list_sharded(checkpoints)
+        restore = lambda path, template: restore_sharded(path, template, mesh)  # noqa: E731
     if not found:
         return template, []
     checkpoint = found[-1]
     try:
-        state, manifest = restore_checkpoint(checkpoint, template)
+        state, manifest = restore(checkpoint, template)
     except CheckpointError as error:
         if len(found) == 1:
             raise

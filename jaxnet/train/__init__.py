@@ -4,8 +4,8 @@ populations (:mod:`~jaxnet.train.engine`), and ``fit``/``evaluate`` (:mod:`~jaxn
 from jaxnet.train.engine import EpochPlan, Sums, batch_sums, run_epochs, shuffled_order
 from jaxnet.train.fit import evaluate, fit, make_epoch, make_evaluate
 from jaxnet.train.state import (ON_NAN, LossFn, StepMetrics, TrainState, TrainStep,
-                                init_train_state, make_train_step, train_batch)
+                                init_sharded, init_train_state, make_train_step, train_batch)
 
 __all__ = ["EpochPlan", "LossFn", "ON_NAN", "StepMetrics", "Sums", "TrainState", "TrainStep",
-           "batch_sums", "evaluate", "fit", "init_train_state", "make_epoch", "make_evaluate",
+           "batch_sums", "evaluate", "fit", "init_sharded", "init_train_state", "make_epoch", "make_evaluate",
            "make_train_step", "run_epochs", "shuffled_order", "train_batch"]

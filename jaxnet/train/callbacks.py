@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import jaxnet.sharding as sharding
 from jaxnet.validate import positive_int
 
 # How runs and sweep members are chosen: the validation loss, a smooth measure that a small
@@ -210,8 +211,11 @@ class Checkpointer:
     ``directory`` every ``every`` epochs and, with ``every_steps=N``, after steps ``N, 2N,
     ...`` of each epoch too, keeping the newest ``keep``.
 
-    Resume with ``fit(net, restore_checkpoint(latest_checkpoint(directory), template), ...)``;
-    given a mid-epoch checkpoint, ``fit`` finishes that epoch first, and the final state is
+    Resume with ``fit(net, restore_checkpoint(latest_checkpoint(directory), template), ...)``.
+    A state sharded over a mesh (``fit(..., mesh=, rules=)``) is saved through Orbax instead,
+    each process writing its shards (:func:`jaxnet.sharded_checkpoint.save_sharded`): resume
+    with ``restore_sharded(latest_sharded(directory), template, mesh, specs)``. Given a
+    mid-epoch checkpoint, ``fit`` finishes that epoch first, and the final state is
     bitwise that of an uninterrupted run (the resumed epoch's train metrics cover only the
     steps it ran). Each manifest's metadata holds the ``record`` (epoch or step record).
 
@@ -230,9 +234,13 @@ class Checkpointer:
         self.keep = keep
 
     def _save(self, record: dict, state) -> None:
-        from jaxnet.checkpoint import save_checkpoint
-        save_checkpoint(self.directory, state, metadata={"record": json.loads(strict_json(record))},
-                        keep=self.keep)
+        metadata = {"record": json.loads(strict_json(record))}
+        if sharding.is_sharded(state):  # every process writes its own shards
+            from jaxnet.sharded_checkpoint import save_sharded
+            save_sharded(self.directory, state, metadata=metadata, keep=self.keep)
+        else:
+            from jaxnet.checkpoint import save_checkpoint
+            save_checkpoint(self.directory, state, metadata=metadata, keep=self.keep)
 
     def on_epoch_end(self, record: dict, state) -> bool:
         if self.every is not None and record["epoch"] % self.every == 0:

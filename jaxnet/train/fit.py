@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 import jaxnet.data_parallel as parallel
+import jaxnet.sharding as sharding
 from jaxnet._xla import options as xla_options
 from jaxnet.augment import Augment
 from jaxnet.losses import check_labels, is_model_loss, softmax_cross_entropy
@@ -146,7 +147,9 @@ def make_evaluate(net: Layer, loss: LossFn, n: int, batch_size: int,
 def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: State | None = None,
              loss: LossFn = softmax_cross_entropy, batch_size: int = 1024,
              precision: str | Policy | None = None,
-             metrics: Mapping[str, Metric] | None = None) -> dict[str, float]:
+             metrics: Mapping[str, Metric] | None = None,
+             mesh: jax.sharding.Mesh | None = None,
+             rules: sharding.ShardingRules | Mapping | None = None) -> dict[str, float]:
     """Mean loss and metrics of ``net`` on ``data = (x, y)``, in evaluation mode.
 
     Args:
@@ -159,6 +162,9 @@ def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: 
         ``"f16"`` or a ``jaxnet.precision.Policy``.
       metrics: ``{name: fn(outputs, y) -> (batch,)}`` per-example values (see
         :mod:`jaxnet.metrics`); default: the task's (:func:`default_metrics`).
+      mesh, rules: evaluate on a mesh, as :func:`fit` trains on one: params placed on it
+        already keep their layout, others are laid out by ``rules``; each batch is split over
+        the ``data`` and ``fsdp`` devices (``batch_size`` is rounded up to a multiple of them).
 
     Returns:
       ``{"loss": float, ["accuracy": float,] **metrics}``: accuracy for classification.
@@ -170,16 +176,20 @@ def evaluate(net: Layer, params: Params, data: tuple[Any, Any], *, model_state: 
     if streaming.is_streaming(data):
         return streaming.evaluate_streaming(net, params, data, model_state=model_state, loss=loss,
                                             batch_size=batch_size, precision=precision,
-                                            metrics=metrics)
-    x, y = data = as_arrays(tuple(data), jnp.asarray)
-    n = _check_data(net, params, x, y, "data", loss)
+                                            metrics=metrics, mesh=mesh, rules=rules)
+    if rules is not None and mesh is None:
+        raise ValueError("evaluate: rules lay the params out over a mesh; pass mesh too")
+    x, y = as_arrays(tuple(data), jnp.asarray)
+    _check_data(net, params, x, y, "data", loss)  # before tracing the network with them
     check_params(get_policy(precision), params, "evaluate")
     model_state = state_or_empty(net, model_state, "evaluate")
-    rows = min(batch_size, n)
     metrics, classification = task_metrics(net, loss, metrics, params, x, y, "evaluate")
-    fn = xla_options.jit(make_evaluate(net, loss, n, rows, precision=precision,
-                                       metrics=metrics), forward_rows=rows)
-    return fn(params, model_state, x, y).means(classification)
+    if mesh is not None:
+        params = sharding.shard_params(params, mesh, rules)
+        model_state = parallel.replicate(mesh, model_state)
+    run = _compile_evaluation(net, loss, (x, y), batch_size, precision, mesh, params,
+                              model_state, metrics, classification, "data")
+    return run(params, model_state)
 
 
 
@@ -211,7 +221,8 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
         validation_data: tuple[Any, Any] | None = None,
         validation_split: float | None = None,
         callbacks: Sequence[Any] = (),
-        augment: Augment | None = None) -> tuple[TrainState, list[dict]]:
+        augment: Augment | None = None,
+        rules: sharding.ShardingRules | Mapping | None = None) -> tuple[TrainState, list[dict]]:
     """Trains ``net`` with each epoch compiled into one program that runs on the device.
 
     Args:
@@ -249,11 +260,18 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
       precision: ``None`` (default: no casts), ``"f32"``, ``"bf16"`` or a
         ``jaxnet.precision.Policy``: forward passes (training and evaluation) in its compute
         dtype, params, gradients, optimizer state and loss in float32.
-      mesh: train data-parallel on this 1-D ``"data"`` mesh
-        (:func:`jaxnet.data_parallel.data_mesh`): each batch is split over its devices, the
-        state is replicated, and XLA inserts the gradient all-reduce. ``batch_size`` must be a multiple of the number of devices. In a
-        multi-process run every process calls ``fit`` with the same data; each places only its
-        block of rows. Results equal a one-device run's up to float rounding.
+      mesh: train on this mesh: a 1-D ``"data"`` mesh (:func:`jaxnet.data_parallel.data_mesh`,
+        data parallel: the state replicated) or a ``data x fsdp x model`` mesh
+        (:func:`jaxnet.sharding.make_mesh`: params and optimizer state sharded by ``rules``).
+        Each batch is split over the ``data`` and ``fsdp`` devices (``batch_size`` must be a
+        multiple of their product) and XLA inserts the collectives. A ``TrainState`` already
+        placed on the mesh (:func:`jaxnet.train.init_sharded`, a restored sharded checkpoint)
+        keeps its layout. In a multi-process run every process calls ``fit`` with the same
+        data; each places only its block of rows. Results equal a one-device run's up to float
+        rounding.
+      rules: with ``mesh``: how params are laid out (:class:`jaxnet.sharding.ShardingRules`
+        or ``{pattern: PartitionSpec}``; default jaxnet's FSDP and tensor-parallel rules,
+        :func:`jaxnet.sharding.param_specs`).
       num_examples: with ``mesh``: the size of the whole training set, when ``train_data``
         holds only this process's block of it, rows ``data_parallel.process_rows(num_examples,
         mesh)`` (as :func:`jaxnet.app.run.train` loads them in a multi-process run); the results
@@ -301,7 +319,7 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
             eval_batch_size=eval_batch_size, progress=progress, progress_every=progress_every,
             on_epoch=on_epoch, on_nan=on_nan, precision=precision, mesh=mesh,
             num_examples=num_examples, metrics=metrics, validation_data=validation_data,
-            validation_split=validation_split, callbacks=callbacks, augment=augment)
+            validation_split=validation_split, callbacks=callbacks, augment=augment, rules=rules)
     positive_int("fit", "epochs", epochs)
     positive_int("fit", "batch_size", batch_size)
     if on_nan not in ON_NAN:
@@ -322,15 +340,18 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
     state = initial_state(net, optimizer, params, model_state, key, x)
     metrics, classification = task_metrics(net, loss, metrics, state.params, x, y, "fit")
     batch_size = min(batch_size, n)
-    shardings, epoch_layout, eval_layout = {}, None, None
-    if mesh is not None:  # data parallel; the layout is described in jaxnet/data_parallel.py
+    shardings, epoch_layout = {}, None
+    if mesh is not None:  # rows as in jaxnet/data_parallel.py, params as in jaxnet/sharding.py
         parallel.check_batch_size(mesh, batch_size, "fit: batch_size")
         place = parallel.place_rows if num_examples is None else (
             lambda m, a: parallel.shard_rows(m, a, n))
         x, y = jax.tree.map(lambda a: place(mesh, a), (x, y))
-        state = parallel.replicate(mesh, state)
-        shardings = {"out_shardings": parallel.replicated(mesh)}
-        epoch_layout, eval_layout = parallel.row_sharding(mesh, 1), parallel.row_sharding(mesh)
+        state = _laid_out(state, mesh, rules)
+        shardings = {"out_shardings": (jax.tree.map(lambda a: a.sharding, state),
+                                       parallel.replicated(mesh))}
+        epoch_layout = parallel.row_sharding(mesh, 1)
+    elif rules is not None:
+        raise ValueError("fit: rules lay the params out over a mesh; pass mesh too")
     plan = EpochPlan.of(n, batch_size)
     reporter = make_progress(progress, epochs, plan.num_batches, classification)
     epoch_fn, _ = make_epoch(net, optimizer, loss, n, batch_size,
@@ -358,17 +379,19 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
                 epoch_fn, donate_argnums=0, **shardings),
             zero=zero_sums(net, loss, metrics, on_nan, state, x, y), classification=classification,
             shardings=shardings, mesh=mesh)
-    evaluations = [_compile_evaluation(net, loss, prefix, data, eval_batch_size, policy, mesh,
-                                       eval_layout, shardings, state, metrics, classification)
-                   for prefix, data in (("val", validation_data), ("test", eval_data))
-                   if data is not None]
+    evaluations = {prefix: _compile_evaluation(
+        net, loss, data, eval_batch_size, policy, mesh, state.params, state.model_state, metrics,
+        classification, "eval_data" if prefix == "test" else "validation_data")
+        for prefix, data in (("val", validation_data), ("test", eval_data)) if data is not None}
     compile_seconds = time.perf_counter() - start
 
     return run_epochs(state, run_epoch,
                       first_epoch=done, epochs=epochs, reporter=reporter,
                       train_record=lambda sums, epoch: train_record(sums, epoch, plan.num_batches, on_nan,
                                                                      classification),
-                      evaluate=lambda state: {k: v for run in evaluations for k, v in run(state).items()},
+                      evaluate=lambda state: {
+                          f"{prefix}_{name}": value for prefix, run in evaluations.items()
+                          for name, value in run(state.params, state.model_state).items()},
                       examples=n, compile_seconds=compile_seconds, on_epoch=on_epoch,
                       callbacks=callbacks)
 
@@ -391,27 +414,36 @@ def _split_validation(x, y, validation_data, validation_split, mesh):
     return (jax.tree.map(lambda a: a[:-held], (x, y)), jax.tree.map(lambda a: a[-held:], (x, y)))
 
 
-def _compile_evaluation(net, loss, prefix, eval_data, eval_batch_size, policy, mesh, eval_layout,
-                        shardings, state, metrics, classification) -> Callable[[TrainState], dict]:
-    """``state -> {"<prefix>_loss": ..., ...}``, compiled for ``eval_data``."""
+def _compile_evaluation(net, loss, eval_data, eval_batch_size, policy, mesh, params,
+                        model_state, metrics, classification, what: str
+                        ) -> Callable[[Params, State], dict]:
+    """``(params, model_state) -> {"loss": ..., ...}`` over ``eval_data``, compiled for the
+    layout of ``params`` and ``model_state`` (on ``mesh``, when given)."""
     x_eval, y_eval = as_arrays(tuple(eval_data), jnp.asarray if mesh is None else np.asarray)
-    n_eval = _check_data(net, state.params, x_eval, y_eval,
-                         "eval_data" if prefix == "test" else "validation_data", loss)
-    eval_size = min(eval_batch_size, n_eval)
+    n_eval = _check_data(net, params, x_eval, y_eval, what, loss)
+    eval_size, layout, shardings = min(eval_batch_size, n_eval), None, {}
     if mesh is not None:  # whole on every device; each batch split over them (masked padding)
         x_eval, y_eval = parallel.replicate(mesh, (x_eval, y_eval))
         eval_size = parallel.round_up_to_devices(mesh, eval_size)
+        layout = parallel.row_sharding(mesh)
+        shardings = {"out_shardings": parallel.replicated(mesh)}
     compiled = xla_options.jit(make_evaluate(net, loss, n_eval, eval_size,
-                                             precision=policy, batch_sharding=eval_layout,
+                                             precision=policy, batch_sharding=layout,
                                              metrics=metrics),
                                forward_rows=eval_size, **shardings).lower(
-        state.params, state.model_state, x_eval, y_eval).compile()
+        params, model_state, x_eval, y_eval).compile()
+    return lambda params, model_state: compiled(params, model_state, x_eval,
+                                                y_eval).means(classification)
 
-    def evaluate_state(state):
-        means = compiled(state.params, state.model_state, x_eval, y_eval).means(classification)
-        return {f"{prefix}_{name}": value for name, value in means.items()}
 
-    return evaluate_state
+def _laid_out(state: TrainState, mesh: jax.sharding.Mesh, rules) -> TrainState:
+    """``state`` on ``mesh``: kept as it is when every array is placed there already (a state
+    from :func:`jaxnet.train.init_sharded` or a restored sharded checkpoint), else placed with
+    its params laid out by ``rules`` (:func:`jaxnet.sharding.param_specs`; a 1-D ``data``
+    mesh replicates them) and the optimizer state following."""
+    if sharding.placed_on(state, mesh):
+        return state
+    return sharding.shard_state(state, mesh, sharding.param_specs(state.params, mesh, rules))
 
 
 class _SegmentedEpochs:

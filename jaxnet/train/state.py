@@ -14,6 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import Mesh
+
+import jaxnet.data_parallel as data_parallel
+import jaxnet.sharding as sharding
 from jaxnet._xla import options as xla_options
 from jaxnet.augment import Augment
 from jaxnet.losses import (MODEL_STATE, Batch, ModelLoss, check_model_loss, check_per_example,
@@ -64,6 +68,39 @@ def init_train_state(net: Layer, optimizer: optax.GradientTransformation, params
         opt_state = optimizer.init(params)
     return TrainState(params, model_state, opt_state, jnp.zeros((), jnp.int32),
                       jax.random.key(0) if key is None else jnp.copy(key))
+
+
+def init_sharded(net: Layer, optimizer: optax.GradientTransformation, key: jax.Array, x,
+                 mesh: Mesh, rules=None, *,
+                 run_key: jax.Array | None = None) -> tuple[TrainState, object]:
+    """A fresh ``TrainState`` created sharded: no device ever holds a whole param.
+
+    The params are initialised inside one program compiled with the state's shardings as its
+    outputs, so each device computes and keeps only its shards (a model larger than one
+    device can start). With JAX's partitionable ``threefry`` (the default) the values equal
+    ``net.init_with_state(key, x)`` on one device.
+
+    Args:
+      net, optimizer: the network and optax optimizer.
+      key: the initialisation key (as for ``net.init``).
+      x: an example batch, its shape's ``jax.ShapeDtypeStruct``, or a pytree of them.
+      mesh, rules: as for :func:`jaxnet.sharding.param_specs`.
+      run_key: the run's PRNG key (dropout, shuffling); default ``jax.random.key(0)``.
+
+    Returns:
+      ``(state, specs)``: the sharded ``TrainState`` and the params' ``PartitionSpec`` tree.
+    """
+    x = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), x)
+
+    def build(key, run_key):
+        params, model_state = net.init_with_state(key, x)
+        return init_train_state(net, optimizer, params, model_state=model_state, key=run_key)
+
+    run_key = jax.random.key(0) if run_key is None else run_key
+    abstract = jax.eval_shape(build, key, run_key)
+    specs = sharding.param_specs(abstract.params, mesh, rules)
+    state = jax.jit(build, out_shardings=sharding.state_shardings(abstract, mesh, specs))(key, run_key)
+    return state, specs
 
 
 ON_NAN = ("stop", "skip")
@@ -263,14 +300,26 @@ def metric_names(net: Layer, loss: LossFn, metrics: Mapping[str, Metric] | None,
 
 def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
                     loss: LossFn = softmax_cross_entropy, *,
-                    precision: str | Policy | None = None) -> TrainStep:
+                    precision: str | Policy | None = None, mesh: Mesh | None = None,
+                    rules=None) -> TrainStep:
     """A jitted ``step(state, x, y) -> (state, metrics)`` that donates ``state``'s buffers.
 
     ``metrics`` is a :class:`StepMetrics`, ``{"loss": mean loss, "accuracy": fraction correct}``
     (float32 scalars on the device; reading them synchronises, so read them rarely); with a
     model loss (:func:`jaxnet.losses.model_loss`), ``{"loss": ..., **aux scalars}``. ``x`` and
     ``y`` may be pytrees of ``(batch, ...)`` arrays. ``precision``: see :func:`train_batch`.
+
+    ``mesh`` (:func:`jaxnet.sharding.make_mesh` or a ``data_mesh``) and ``rules``
+    (:class:`jaxnet.sharding.ShardingRules`, default jaxnet's): the step runs sharded. A state
+    whose every array is already placed on ``mesh`` (from :func:`init_sharded`, a restored
+    sharded checkpoint or an earlier step) keeps its layout; any other state is first placed
+    with its params laid out by ``rules`` (:func:`jaxnet.sharding.param_specs`), the optimizer
+    state following them, and the caller's arrays are then not donated. Each batch is split by
+    rows over ``data`` and ``fsdp`` (``batch`` must be a multiple of their product); host
+    arrays must hold the whole batch on every process. XLA inserts the collectives.
     """
+    if rules is not None and mesh is None:
+        raise ValueError("make_train_step: rules lay the params out over a mesh; pass mesh too")
     get_training_policy(precision, "make_train_step")  # an unknown name fails here, not at the first step
     model = is_model_loss(loss)
     index = {} if model else StepMetrics.INDEX  # a model loss's names are known once traced
@@ -287,7 +336,7 @@ def make_train_step(net: Layer, optimizer: optax.GradientTransformation,
             metrics = jnp.stack([sums.loss, sums.correct]) / sums.count  # order of StepMetrics.NAMES
         return (state.params, state.model_state, state.opt_state), state.step, metrics
 
-    return TrainStep(xla_options.jit(step, donate_argnums=(0, 1)), net.needs_key or model, index)
+    return TrainStep(step, net.needs_key or model, index, mesh, rules)
 
 
 class TrainStep:
@@ -301,19 +350,51 @@ class TrainStep:
     inspection, as ``jax.jit``'s does.
     """
 
-    def __init__(self, jitted, needs_key: bool, index: Mapping[str, int]):
-        self._jitted, self._needs_key, self._index = jitted, needs_key, index
+    def __init__(self, step: Callable, needs_key: bool, index: Mapping[str, int],
+                 mesh: Mesh | None = None, rules=None):
+        self._step, self._needs_key, self._index = step, needs_key, index
+        self._mesh, self._rules = mesh, rules
+        self._programs: dict = {}  # by the state's layout (one, without a mesh)
+
+    def _placed(self, state: TrainState, x, y) -> tuple[TrainState, object, object]:
+        """Without a mesh, as given; with one, the state laid out on it and the batch split."""
+        if self._mesh is None:
+            return state, x, y
+        mesh = self._mesh
+        if not sharding.placed_on(state, mesh):
+            state = sharding.shard_state(state, mesh,
+                                         sharding.param_specs(state.params, mesh, self._rules))
+        data_parallel.check_batch_size(mesh, jax.tree.leaves(x)[0].shape[0],
+                                       "make_train_step: batch")
+        rows = data_parallel.row_sharding(mesh)
+        x, y = (tree if all(isinstance(a, jax.Array) and a.sharding == rows
+                            for a in jax.tree.leaves(tree)) else sharding.shard_batch(mesh, tree)
+                for tree in (x, y))
+        return state, x, y
+
+    def _program(self, state: TrainState):
+        """The jitted step for ``state``'s layout (its outputs keep that layout)."""
+        layout = None if self._mesh is None else jax.tree.map(lambda a: a.sharding, state)
+        key = None if layout is None else (jax.tree.structure(layout), *jax.tree.leaves(layout))
+        if key not in self._programs:
+            shardings = {} if layout is None else {"out_shardings": (
+                (layout.params, layout.model_state, layout.opt_state),
+                data_parallel.replicated(self._mesh), data_parallel.replicated(self._mesh))}
+            self._programs[key] = xla_options.jit(self._step, donate_argnums=(0, 1), **shardings)
+        return self._programs[key]
 
     def _arguments(self, state: TrainState, x, y) -> tuple:
         return ((state.params, state.model_state, state.opt_state), state.step,
                 state.key if self._needs_key else None, x, y)
 
     def __call__(self, state: TrainState, x, y) -> tuple[TrainState, StepMetrics]:
-        trained, step, metrics = self._jitted(*self._arguments(state, x, y))
+        state, x, y = self._placed(state, x, y)
+        trained, step, metrics = self._program(state)(*self._arguments(state, x, y))
         return TrainState(*trained, step, state.key), StepMetrics(metrics, self._index)
 
     def lower(self, state: TrainState, x, y):
-        return self._jitted.lower(*self._arguments(state, x, y))
+        state, x, y = self._placed(state, x, y)
+        return self._program(state).lower(*self._arguments(state, x, y))
 
 
 class StepMetrics(Mapping):

@@ -182,12 +182,12 @@ def fit_streaming(net: Layer, params: Params | TrainState, optimizer: optax.Grad
                   chunk_steps: int | None = None, prefetch: int = 2,
                   shuffle: str = "window",
                   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-                  ) -> tuple[TrainState, list[dict]]:
+                  rules=None) -> tuple[TrainState, list[dict]]:
     """:func:`jaxnet.train.fit` for data streamed to the device chunk by chunk.
 
     ``fit`` calls it for a memory-mapped ``train_data`` or an iterable of batches; the
-    arguments and the history records are ``fit``'s (``mesh``, ``num_examples`` and
-    ``validation_split`` are not supported; ``progress_every`` is ignored: progress is
+    arguments and the history records are ``fit``'s (``mesh``, ``rules``, ``num_examples``
+    and ``validation_split`` are not supported; ``progress_every`` is ignored: progress is
     reported once per chunk).
 
     Args:
@@ -216,7 +216,8 @@ def fit_streaming(net: Layer, params: Params | TrainState, optimizer: optax.Grad
         raise ValueError(f"fit: on_nan must be one of {', '.join(ON_NAN)}; got {on_nan!r}")
     if shuffle not in SHUFFLES:
         raise ValueError(f"fit: shuffle must be one of {', '.join(SHUFFLES)}; got {shuffle!r}")
-    _unsupported("fit", mesh=mesh, num_examples=num_examples, validation_split=validation_split)
+    _unsupported("fit", mesh=mesh, rules=rules, num_examples=num_examples,
+                 validation_split=validation_split)
     policy = get_training_policy(precision, "fit")
     check_params(policy, params.params if isinstance(params, TrainState) else params, "fit")
     source = _source(train_data, batch_size, chunk_steps, shuffle, "train_data")
@@ -316,9 +317,11 @@ def evaluate_streaming(net: Layer, params: Params, data, *, model_state: State |
                        loss: LossFn = softmax_cross_entropy, batch_size: int = 1024,
                        precision: str | Policy | None = None,
                        metrics: Mapping[str, Metric] | None = None,
-                       chunk_steps: int | None = None, prefetch: int = 2) -> dict[str, float]:
+                       chunk_steps: int | None = None, prefetch: int = 2,
+                       mesh=None, rules=None) -> dict[str, float]:
     """:func:`jaxnet.train.evaluate` for a memory-mapped ``(x, y)`` or an iterable of
-    ``(x, y)`` batches (see :func:`fit_streaming`), in order, chunk by chunk.
+    ``(x, y)`` batches (see :func:`fit_streaming`), in order, chunk by chunk (``mesh`` and
+    ``rules`` are not supported).
 
     Shapes:
       x: ``(n, *example)``; y: ``(n,)`` labels or ``(n, ...)`` targets (either may be a
@@ -327,6 +330,7 @@ def evaluate_streaming(net: Layer, params: Params, data, *, model_state: State |
     Returns:
       ``{"loss": float, ["accuracy": float,] **metrics}``.
     """
+    _unsupported("evaluate", mesh=mesh, rules=rules)
     check_params(get_policy(precision), params, "evaluate")
     model_state = state_or_empty(net, model_state, "evaluate")
     source = _source(data, batch_size, chunk_steps, "none", "data")
