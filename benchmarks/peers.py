@@ -156,15 +156,18 @@ def _torch_mlp(sizes):
     return torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-2], sizes[-1]))
 
 
-def torch_train_variant(model, x, y, autocast: bool = False) -> Variant:
-    """PyTorch eager training of ``model`` on the NumPy-convertible batch ``x, y``, fused Adam;
-    with ``autocast``, the forward pass and loss under ``torch.autocast("cpu", bfloat16)``."""
+def torch_train_variant(model, x, y, autocast: bool = False, name: str | None = None
+                        ) -> Variant:
+    """PyTorch eager training of ``model`` (logits ``(n, classes)``) on the NumPy-convertible
+    batch ``x, y`` (labels flattened to ``(n,)``), fused Adam; with ``autocast``, the forward
+    pass and loss under ``torch.autocast("cpu", bfloat16)``. ``name``: instead of the default
+    ``pytorch <version> eager|autocast bf16, fused adam``."""
     import contextlib
 
     import torch
 
     optimizer = torch.optim.Adam(model.parameters(), 1e-3, fused=True)
-    x, y = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y, np.int64))
+    x, y = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y, np.int64).reshape(-1))
     forward = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if autocast
                else contextlib.nullcontext)
 
@@ -176,7 +179,7 @@ def torch_train_variant(model, x, y, autocast: bool = False) -> Variant:
         optimizer.step()
 
     mode = "autocast bf16" if autocast else "eager"
-    return loop_variant(f"pytorch {torch.__version__} {mode}, fused adam", step, None)
+    return loop_variant(name or f"pytorch {torch.__version__} {mode}, fused adam", step, None)
 
 
 def torch_train(sizes, x, y) -> Variant:

@@ -4,6 +4,8 @@ The unit of work is one step of every member. Variants, the first being the refe
 
 - raw-JAX donated step, members one after another, in a Python loop;
 - the raw step under ``jax.vmap`` over the members, in a Python loop;
+- the same ``vmap`` inside one ``lax.scan`` over the steps: the hand-written population that
+  ``fit_population`` is measured against;
 - jaxnet's train step, members one after another, in a Python loop;
 - jaxnet's ``fit`` epoch program (the device loop), members one after another;
 - jaxnet's population epoch (``fit_population``): every member in one program, with one shared
@@ -48,6 +50,23 @@ def _sequential(name: str, step, states: list, steps: int) -> Variant:
     return loop_variant(name, one_round, states, units_per_call=steps)
 
 
+def _vmap_scan_variant(update, stacked, x, y, steps: int) -> Variant:
+    """The hand-written population: the ``vmap`` of the raw step over the members inside one
+    ``lax.scan`` over the ``steps`` batches of ``(x, y)`` in order, one jitted call."""
+    members_step = jax.vmap(update, (0, 0, None, None))
+    xs, ys = x.reshape(steps, BATCH, -1), y.reshape(steps, BATCH)
+
+    def run(params, opt_state):
+        def body(carry, batch):
+            params, opt_state, loss = members_step(*carry, *batch)
+            return (params, opt_state), loss
+        return jax.lax.scan(body, (params, opt_state), (xs, ys))[0]
+
+    scan = jax.jit(run, donate_argnums=(0, 1))
+    return loop_variant(f"raw-jax vmap of the step in one lax.scan over {steps} steps",
+                        lambda s: scan(*s), stacked, units_per_call=steps)
+
+
 def population_variants(members: int = 16, steps: int = 200) -> list[Variant]:
     """The W4 variants; ``run(k)`` trains every member for ``k`` steps (``k`` a multiple of ``steps``)."""
     x, y = _data(steps)
@@ -61,9 +80,11 @@ def population_variants(members: int = 16, steps: int = 200) -> list[Variant]:
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *raw_states)
     variants = [_sequential(f"raw-jax step loop, {members} one after another",
                             lambda s: raw_step(*s, xb, yb)[:2], raw_states, steps)]
+    scan_state = jax.tree.map(jnp.copy, stacked)  # each variant donates its own
     vmapped = jax.jit(jax.vmap(update, (0, 0, None, None)), donate_argnums=(0, 1))
     variants.append(loop_variant("raw-jax vmap of the step, step loop",
                                  lambda s: vmapped(*s, xb, yb)[:2], stacked, units_per_call=1))
+    variants.append(_vmap_scan_variant(update, scan_state, x, y, steps))
 
     net = mlp(SIZES)
     optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from benchmarks.harness import Variant, loop_variant
+from benchmarks.peers import missing_module, torch_train_variant
 from benchmarks.workloads import raw_update
 from jaxnet._xla import options as xla_options
 from jaxnet.losses import softmax_cross_entropy, token_cross_entropy
@@ -180,40 +181,27 @@ def raw_lstm_apply(params, x):
 
 # ---- jaxnet: the train step and fit's device loop ------------------------------------------------
 
-def jaxnet_variants(net, loss, x, y, steps_per_call: int) -> list[Variant]:
+def jaxnet_variants(net, loss, x, y, steps_per_call: int, precision: str | None = None
+                    ) -> list[Variant]:
     """``make_train_step`` in a Python loop, and fit's epoch program (``make_epoch``) over
     ``steps_per_call`` resident batches, as ``benchmarks.workloads.jaxnet_train_variants`` with
-    the loss ``loss``."""
+    the loss ``loss`` and the ``precision`` policy (its name ends the variants' names)."""
     batch, optimizer = x.shape[0], optax.adam(1e-3)
     params = net.init(jax.random.key(0), x[:1])
-    jn_step = make_train_step(net, optimizer, loss)
-    step = loop_variant("jaxnet train step", lambda s: jn_step(s, x, y)[0],
+    suffix = "" if precision is None else f" {precision}"
+    jn_step = make_train_step(net, optimizer, loss, precision=precision)
+    step = loop_variant(f"jaxnet train step{suffix}", lambda s: jn_step(s, x, y)[0],
                         init_train_state(net, optimizer, params))
     xs, ys = jnp.concatenate([x] * steps_per_call), jnp.concatenate([y] * steps_per_call)
-    epoch_fn, _ = make_epoch(net, optimizer, loss, xs.shape[0], batch)
+    epoch_fn, _ = make_epoch(net, optimizer, loss, xs.shape[0], batch, precision=precision)
     epoch = xla_options.jit(epoch_fn, donate_argnums=0)  # as fit compiles it
-    fit = loop_variant("jaxnet fit (device loop)",
+    fit = loop_variant(f"jaxnet fit (device loop){suffix}",
                        lambda s: (epoch(s[0], xs, ys, jnp.int32(s[1]))[0], s[1] + 1),
                        (init_train_state(net, optimizer, params), 0), units_per_call=steps_per_call)
     return [step, fit]
 
 
 # ---- PyTorch -------------------------------------------------------------------------------------
-
-def _torch_variant(name, model, x, y) -> Variant:
-    """Eager training of ``model`` (logits ``(n, classes)``) on ``x, y``, fused Adam."""
-    import torch
-
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3, fused=True)
-    x, y = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y, np.int64).reshape(-1))
-
-    def step(_):
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return loop_variant(name, step, None)
-
 
 def torch_transformer(sizes: TransformerSizes):
     """The W6 model in PyTorch: ``nn.TransformerEncoderLayer`` (pre-norm, GELU) blocks under a
@@ -253,22 +241,22 @@ def torch_transformer_variants(sizes: TransformerSizes, torch_compile: bool, ski
     """PyTorch eager and ``torch.compile`` (of the model; the optimizer stays eager) on W6;
     nothing when PyTorch is missing (a note in ``skipped``), no compiled variant (and a note) when
     ``torch_compile`` is False or compilation fails."""
-    try:
-        import torch
-    except ImportError as error:
-        skipped.append({"workload": workload_name(sizes), "variant": "pytorch",
-                        "reason": f"torch not installed or not importable ({error})"})
+    reason = missing_module("torch")
+    if reason:
+        skipped.append({"workload": workload_name(sizes), "variant": "pytorch", "reason": reason})
         return []
+    import torch
     x, y = (np.array(a) for a in token_batch(sizes))
-    variants = [_torch_variant(f"pytorch {torch.__version__} eager, fused adam",
-                               torch_transformer(sizes), x, y)]
+    variants = [torch_train_variant(torch_transformer(sizes), x, y, autocast)
+                for autocast in (False, True)]
     if not torch_compile:
         skipped.append({"workload": workload_name(sizes), "variant": "pytorch torch.compile",
                         "reason": "turned off (--no-torch-compile)"})
         return variants
     try:
-        variants.append(_torch_variant(f"pytorch {torch.__version__} torch.compile, fused adam",
-                                       torch.compile(torch_transformer(sizes)), x, y))
+        variants.append(torch_train_variant(
+            torch.compile(torch_transformer(sizes)), x, y,
+            name=f"pytorch {torch.__version__} torch.compile, fused adam"))
     except Exception as error:  # noqa: BLE001  (inductor needs a C++ compiler, may fail)
         skipped.append({"workload": workload_name(sizes), "variant": "pytorch torch.compile",
                         "reason": f"compilation failed: {type(error).__name__}: {error}"[:300]})
@@ -296,15 +284,13 @@ def torch_lstm_model(sizes: LSTMSizes):
 def torch_lstm_variants(sizes: LSTMSizes, skipped: list[dict]) -> list[Variant]:
     """PyTorch eager on W7 (:func:`torch_lstm_model`), fused Adam; nothing when PyTorch is
     missing (a note in ``skipped``)."""
-    try:
-        import torch
-    except ImportError as error:
-        skipped.append({"workload": workload_name(sizes), "variant": "pytorch",
-                        "reason": f"torch not installed or not importable ({error})"})
+    reason = missing_module("torch")
+    if reason:
+        skipped.append({"workload": workload_name(sizes), "variant": "pytorch", "reason": reason})
         return []
     x, y = (np.array(a) for a in sequence_batch(sizes))
-    return [_torch_variant(f"pytorch {torch.__version__} eager, fused adam",
-                           torch_lstm_model(sizes), x, y)]
+    return [torch_train_variant(torch_lstm_model(sizes), x, y, autocast)
+            for autocast in (False, True)]
 
 
 # ---- the workloads -------------------------------------------------------------------------------
@@ -312,21 +298,25 @@ def torch_lstm_variants(sizes: LSTMSizes, skipped: list[dict]) -> list[Variant]:
 def transformer_variants(sizes: TransformerSizes, steps_per_call: int, *,
                          torch_compile: bool = True, skipped: list[dict] | None = None
                          ) -> list[Variant]:
-    """W6: raw JAX (reference), jaxnet's step and fit, PyTorch eager and compiled."""
+    """W6: raw JAX (reference), jaxnet's step and fit in float32 and ``"bf16"``, PyTorch eager
+    (float32 and autocast bfloat16) and compiled."""
     x, y = token_batch(sizes)
     apply = functools.partial(raw_transformer_apply, sizes.num_heads)
     variants = [_raw_step_variant(apply, raw_transformer_init(jax.random.key(0), sizes), x, y),
-                *jaxnet_variants(jaxnet_transformer(sizes), token_cross_entropy, x, y,
-                                 steps_per_call)]
+                *(variant for precision in (None, "bf16") for variant in jaxnet_variants(
+                    jaxnet_transformer(sizes), token_cross_entropy, x, y, steps_per_call,
+                    precision))]
     return variants + torch_transformer_variants(sizes, torch_compile,
                                                  [] if skipped is None else skipped)
 
 
 def lstm_variants(sizes: LSTMSizes, steps_per_call: int, *, skipped: list[dict] | None = None
                   ) -> list[Variant]:
-    """W7: raw JAX (reference), jaxnet's step and fit, PyTorch eager."""
+    """W7: raw JAX (reference), jaxnet's step and fit in float32 and ``"bf16"``, PyTorch eager
+    (float32 and autocast bfloat16)."""
     x, y = sequence_batch(sizes)
     net = serial(LSTM(sizes.hidden, return_sequences=False), Dense(sizes.classes))
     return ([_raw_step_variant(raw_lstm_apply, raw_lstm_init(jax.random.key(0), sizes), x, y)]
-            + jaxnet_variants(net, softmax_cross_entropy, x, y, steps_per_call)
+            + [variant for precision in (None, "bf16") for variant in jaxnet_variants(
+                net, softmax_cross_entropy, x, y, steps_per_call, precision)]
             + torch_lstm_variants(sizes, [] if skipped is None else skipped))

@@ -135,13 +135,13 @@ def mlp_batch(sizes, batch):
 
 def train_variants(sizes, batch, steps_per_call) -> list[Variant]:
     """Raw-JAX step loop (the reference, first), the same without donation and under
-    ``lax.scan`` (over ``min(200, steps_per_call)`` steps), jaxnet's step loop and fit's device
-    loop, all on ``mlp_batch(sizes, batch)``."""
+    ``lax.scan`` over ``steps_per_call`` steps (as many as fit's device loop runs per call),
+    jaxnet's step loop and fit's device loop, all on ``mlp_batch(sizes, batch)``."""
     key = jax.random.key(0)
     x, y = mlp_batch(sizes, batch)
     return [raw_variant(raw_apply, raw_init(key, sizes), x, y),
             raw_variant(raw_apply, raw_init(key, sizes), x, y, donate=False),
-            raw_scan_variant(raw_apply, raw_init(key, sizes), x, y, min(200, steps_per_call)),
+            raw_scan_variant(raw_apply, raw_init(key, sizes), x, y, steps_per_call),
             *jaxnet_train_variants(mlp(sizes), x, y, steps_per_call)]
 
 

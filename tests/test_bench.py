@@ -171,6 +171,7 @@ def test_w4_variants_train_every_member_and_measure():
     variants = population.population_variants(members=2, steps=4)
     assert [v.name for v in variants] == [
         "raw-jax step loop, 2 one after another", "raw-jax vmap of the step, step loop",
+        "raw-jax vmap of the step in one lax.scan over 4 steps",
         "jaxnet train step loop, 2 one after another",
         "jaxnet fit (device loop), 2 one after another",
         "jaxnet population, shared data order", "jaxnet population, own data order"]
@@ -230,10 +231,10 @@ def test_benchmark_modules_import_each_other_without_a_cycle():
              for name in BENCHMARK_MODULES}
     assert graph["harness"] == set()
     assert graph["workloads"] == {"harness"}
-    assert graph["peers"] == {"harness"}
+    assert graph["peers"] == {"harness"}  # sequences reuses its PyTorch train step
     assert graph["population"] == {"harness", "workloads"}
     assert graph["run"] == {"harness", "workloads", "peers", "population", "sequences"}
-    assert graph["sequences"] == {"harness", "workloads"}
+    assert graph["sequences"] == {"harness", "workloads", "peers"}
     assert graph["accelerator"] == {"harness"}
     assert graph["xla_cpu"] == {"harness", "workloads"}
     done, visiting = set(), []
@@ -285,8 +286,10 @@ def test_w6_and_w7_entries_have_every_field_and_name_every_variant(monkeypatch):
     monkeypatch.setattr(sequences, "W7", TINY_LSTM)
     skipped, logged = [], []
     entries = run._sequence_entries(True, 1, 1e9, skipped, False, logged.append)
-    torch_names = [n for n in ("pytorch eager, fused adam",) if _has_torch()]
-    jax_names = ["raw-jax step (donated)", "jaxnet train step", "jaxnet fit (device loop)"]
+    torch_names = [n for n in ("pytorch eager, fused adam", "pytorch autocast bf16, fused adam")
+                   if _has_torch()]
+    jax_names = ["raw-jax step (donated)", "jaxnet train step", "jaxnet fit (device loop)",
+                 "jaxnet train step bf16", "jaxnet fit (device loop) bf16"]
     lm, lstm = "W6 transformer LM 2x32 h4 t16 b4", "W7 LSTM 8 t5x3 b4"
     got = [(e["workload"], e["variant"].replace(f" {_torch_version()} ", " ")) for e in entries]
     assert got == [(lm, n) for n in jax_names + torch_names] + [
@@ -380,7 +383,8 @@ def test_a_failing_torch_compile_leaves_pytorch_eager_with_a_note(monkeypatch):
     monkeypatch.setattr(torch, "compile", fail)
     skipped = []
     variants = sequences.torch_transformer_variants(TINY_LM, True, skipped)
-    assert [v.name for v in variants] == [f"pytorch {torch.__version__} eager, fused adam"]
+    assert [v.name for v in variants] == [f"pytorch {torch.__version__} eager, fused adam",
+                                          f"pytorch {torch.__version__} autocast bf16, fused adam"]
     assert skipped == [{"workload": "transformer LM 2x32 h4 t16 b4",
                         "variant": "pytorch torch.compile",
                         "reason": "compilation failed: RuntimeError: no C++ compiler"}]
