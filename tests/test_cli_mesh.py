@@ -13,7 +13,7 @@ import pytest
 from jaxnet.app.cli import main
 from jaxnet.tensorfile import load_params
 from jaxnet.trees import named_leaves
-from support import CHILD_ENV
+from support import CHILD_ENV, free_port, run_processes
 
 EIGHT = CHILD_ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 TRAIN = [sys.executable, "-m", "jaxnet.app.cli", "train", "--mesh", "data=2,fsdp=2,model=2",
@@ -69,6 +69,51 @@ def test_a_killed_mesh_run_resumes_to_the_same_params(whole_run, tmp_path):
     assert set(resumed) == set(whole)
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_sharded_mesh_like_one(tmp_path):
+    """Two processes of 2 CPU devices each (gloo) on one 2x2 data x fsdp mesh, the same --out:
+    every checkpoint holds a store of each process's shards; the params equal a one-process
+    run's on 4 devices."""
+    command = [sys.executable, "-m", "jaxnet.app.cli", "train", "--mesh", "data=2,fsdp=2",
+               "--hidden", "64,64", "--batch-size", "64", "--epochs", "2", "--no-progress",
+               "--checkpoint-every", "1", "--validation-split", "0"]  # a multi-process run: 0
+    cluster = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
+    out, single = tmp_path / "cluster", tmp_path / "single"
+    results = run_processes([[*command, *cluster, "--process-id", str(i), "--out", str(out)]
+                             for i in (1, 0)],
+                            CHILD_ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    for returncode, _, err in results:
+        assert returncode == 0, err[-3000:]
+    assert "results:" not in results[0][1] and "results:" in results[1][1]  # process 0 reports
+    subprocess.run([*command, "--out", str(single)], check=True, capture_output=True, timeout=300,
+                   env=CHILD_ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        stores = sorted(p.name for p in (checkpoint / "state").iterdir()
+                        if p.name.startswith("ocdbt.process_"))
+        assert stores == ["ocdbt.process_0", "ocdbt.process_1"], checkpoint
+    assert json.loads((out / "config.json").read_text())["mesh"]["processes"] == 2
+    actual, expected = params_of(out), params_of(single)
+    assert set(actual) == set(expected)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_several_processes_sharding_params_need_one_out_directory():
+    from jaxnet.app.cli import UsageError, _shard_dir
+    from jaxnet.app.run import RunConfig
+
+    class Args:
+        out = None
+
+    with pytest.raises(UsageError, match="--mesh fsdp=2 shards the params over the processes: "
+                                         "give every process the same --out"):
+        _shard_dir(Args(), RunConfig(mesh="fsdp=2"))
+    assert _shard_dir(Args(), RunConfig(mesh="data=2")) is None  # data parallel: process 0 writes
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -85,3 +85,32 @@ def _transposed_weight_grad(x, g, operand_dtype):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul_transposed(x: jax.Array, w: jax.Array, operand_dtype=None) -> jax.Array:
+    """``x (..., in) @ w.T`` for ``w (out, in)`` ``-> (..., out)`` in ``x``'s dtype: a tied
+    embedding table's output projection, as :func:`matmul` with every product (forward and both
+    gradients) in the orientation XLA:CPU keeps in bfloat16.
+
+    Through ``matmul(x, w.T)``, autodiff transposes the weight gradient back, XLA folds that
+    transpose into the dot, and XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for the
+    folded orientation (``Unsupported element type for DotThunk::Execute``).
+    """
+    return mixed.product(_matmul, x, mixed.transposed(w, operand_dtype),
+                         operand_dtype).astype(jnp.result_type(x, w))
+
+
+def _matmul_transposed_fwd(x, w, operand_dtype):
+    return matmul_transposed(x, w, operand_dtype), (x, w)
+
+
+def _matmul_transposed_bwd(operand_dtype, residuals, g):
+    x, w = residuals
+    rows, cols = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (batch, in), (batch, out)
+    dw = mixed.product(_matmul, mixed.transposed(cols, operand_dtype), rows, operand_dtype)
+    dx = mixed.product(_matmul, g, w, operand_dtype)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+matmul_transposed.defvjp(_matmul_transposed_fwd, _matmul_transposed_bwd)

@@ -295,6 +295,19 @@ def _config_from(args) -> "RunConfig":
     return RunConfig(**values)
 
 
+def _shard_dir(args, config) -> Path | None:
+    """Where a process other than the main one writes: nothing (``None``), or, when the run
+    shards params over several processes, its shards of each checkpoint into ``--out``."""
+    from jaxnet.app.run import shards_params
+    if not shards_params(config):
+        return None
+    if args.out is None:
+        raise UsageError(f"--mesh {config.mesh} shards the params over the processes: give every "
+                         "process the same --out, a directory all of them reach (each saves its "
+                         "shards of the checkpoints there)")
+    return args.out
+
+
 def _new_run_dir(args, config) -> Path:
     """The run directory to write; ``train`` creates it once the data and model are ready."""
     out = args.out or Path("runs") / f"{config.dataset}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -371,9 +384,9 @@ def cmd_train(args, console: Console) -> None:
         out, (config, _) = args.resume, read_config(args.resume)
     else:
         config = _config_from(args)
-        out = _new_run_dir(args, config) if main_process else None
+        out = _new_run_dir(args, config) if main_process else _shard_dir(args, config)
     start = time.perf_counter()
-    guard = _RemovedIfUnused(None if args.resume is not None else out,
+    guard = _RemovedIfUnused(None if args.resume is not None or not main_process else out,
                              ("config.json", "metrics.jsonl", MANIFEST_FILE, LOCK_FILE))
     # Only the process that writes locks; held until the run ends (the OS drops it on a kill).
     # On a refusal, the guard removes the .lock and directories this command made.

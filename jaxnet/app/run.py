@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.multihost_utils import process_allgather
 
 from jaxnet._version import __version__
 from jaxnet import data as datasets
@@ -148,6 +149,13 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         """The config as JSON values (tuples become lists), as stored in files."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def shards_params(config: RunConfig) -> bool:
+    """Whether the run's ``--mesh`` splits params (``fsdp`` or ``model`` above 1): its
+    checkpoints are then Orbax sharded checkpoints that every process writes."""
+    sizes = sharding.parse_mesh(config.mesh) if config.mesh else {}
+    return sizes.get("fsdp", 1) * sizes.get("model", 1) > 1
 
 
 def _is_count(value, least: int) -> bool:
@@ -351,11 +359,8 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
             warn_unverified(out_dir)
     mesh = (sharding.make_mesh(**sharding.parse_mesh(config.mesh)) if config.mesh else
             data_parallel.data_mesh(config.devices))  # several processes: process 0 writes files
-    sharded = sharding.axis_size(mesh, "fsdp") * sharding.axis_size(mesh, "model") > 1
-    if sharded and jax.process_count() > 1:
-        raise ValueError(f"--mesh {config.mesh}: sharded params (fsdp or model > 1) train in one "
-                         "process from the command line (all of its devices); across processes, "
-                         "call jaxnet.fit(..., mesh=make_mesh(...)) (docs/scaling.md)")
+    # sharded params: every process saves its shards into out_dir/checkpoints (Orbax)
+    sharded = shards_params(config)
     writes = out_dir is not None and data_parallel.is_main_process()
     dataset, stats = load_data(config, mesh)  # several processes: each reads only its rows
     dataset, validation = split_validation(dataset, config.validation_split)
@@ -393,7 +398,9 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
             write_run_manifest(out_dir, [CONFIG_FILE])  # --resume verifies config.json
     if writes:
         atomic_write(out_dir / "metrics.jsonl", "".join(strict_dumps(r) + "\n" for r in history).encode())
-        on_epoch = _run_writer(out_dir, config, history, language_model, selector, sharded)
+    if writes or (sharded and out_dir is not None):
+        on_epoch = _run_writer(out_dir, config, history, language_model, selector, sharded,
+                               writes)
     loss = (token_cross_entropy if language_model else
             mean_squared_error if config.task == REGRESSION else softmax_cross_entropy)
     try:
@@ -406,10 +413,10 @@ def train(config: RunConfig, out_dir: Path | None = None, progress: bool | None 
                          on_epoch=on_epoch, on_nan=config.on_nan, precision=config.precision,
                          mesh=mesh if mesh.size > 1 else None,  # one device: the plain path
                          num_examples=None if dataset.train_rows is None else n_train)
-        if writes:  # the last update may have diverged with a finite loss before it
-            check_finite(state, "the end of the run: not saved")
-        if sharded:  # the files hold whole arrays
-            state = state._replace(params=jax.device_get(state.params))
+        if writes or sharded:  # the last update may have diverged with a finite loss before it
+            check_finite(state, "the end of the run: not saved")  # (every process: collectives)
+        if sharded:  # the files hold whole arrays: each process gathers them
+            state = state._replace(params=process_allgather(state.params, tiled=True))
     except FloatingPointError as error:
         if out_dir is None:
             raise
@@ -454,10 +461,11 @@ def _mark_chosen(history: list[dict], selector: EarlyStopping | None, net: Layer
 
 def _run_writer(out_dir: Path, config: RunConfig, history: list[dict],
                 language_model: bool = False, selector: EarlyStopping | None = None,
-                sharded: bool = False):
-    """``on_epoch`` for ``fit``: appends to ``history`` and ``metrics.jsonl``, checkpoints
-    (with ``selector``, the best epoch's state too: a :class:`RunState`; ``sharded``: through
-    Orbax, shard by shard, :mod:`jaxnet.sharded_checkpoint`)."""
+                sharded: bool = False, writes: bool = True):
+    """``on_epoch`` for ``fit``: appends to ``history`` and (``writes``: the main process)
+    ``metrics.jsonl``, checkpoints (with ``selector``, the best epoch's state too: a
+    :class:`RunState`; ``sharded``: through Orbax, every process saving its shards,
+    :mod:`jaxnet.sharded_checkpoint`)."""
     save = save_sharded if sharded else save_checkpoint
     metrics_file = out_dir / "metrics.jsonl"
 
@@ -467,8 +475,9 @@ def _run_writer(out_dir: Path, config: RunConfig, history: list[dict],
         if saves:  # a diverged state (after a finite loss) is neither logged nor checkpointed
             check_finite(state, f"epoch {record['epoch']}: not checkpointed")
         history.append(record)
-        with metrics_file.open("a") as f:
-            f.write(strict_dumps(record) + "\n")  # NaN/inf as null: strict JSON
+        if writes:
+            with metrics_file.open("a") as f:
+                f.write(strict_dumps(record) + "\n")  # NaN/inf as null: strict JSON
         if saves:
             if selector is not None:  # fit calls on_epoch after the selector saw the epoch
                 state = RunState(*state, state if selector.best_state is None

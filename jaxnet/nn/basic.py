@@ -34,6 +34,16 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return dense_ops.product(x, w, options.matmul_dtype)
 
 
+def matmul_transposed(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x (..., in) @ w.T`` for ``w (out, in)``: :func:`matmul` of a transposed weight (a tied
+    embedding table), with ``reverse_only`` through ``dense_ops.matmul_transposed``, whose
+    gradients XLA:CPU runs in bfloat16 under the ``"bf16"`` policy."""
+    options = trace_options()
+    if options.reverse_only:
+        return dense_ops.matmul_transposed(x, w, options.matmul_dtype)
+    return dense_ops.product(x, w.T, options.matmul_dtype)
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Dense(Layer):
     """``y = x @ w + b`` on the last axis.

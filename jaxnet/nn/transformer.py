@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnet.nn.attention import MultiHeadAttention
-from jaxnet.nn.basic import Dense, Dropout, Embedding, check_positive, matmul
+from jaxnet.nn.basic import Dense, Dropout, Embedding, check_positive, matmul_transposed
 from jaxnet.nn.calls import ChildRunner, init_into
 from jaxnet.validate import probability
 from jaxnet.nn.layer import (Layer, ShapeError, require_example_ndim,
@@ -263,7 +263,8 @@ class TransformerLM(_TokenTransformer):
         if not self.tie_embeddings:
             return run("output", h), run.new_state
         table = params["embedding"]["table"].astype(h.dtype)
-        return matmul(h, table.T) * jnp.asarray(self.features ** -0.5, h.dtype), run.new_state
+        return (matmul_transposed(h, table) * jnp.asarray(self.features ** -0.5, h.dtype),
+                run.new_state)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
