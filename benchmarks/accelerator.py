@@ -216,10 +216,11 @@ def markdown(results: dict, command: str) -> str:
                      f"{e['tflops']['median']:.3g} | {e['fraction_of_matmul']:.0%} | "
                      f"{e['bf16_speedup']:.2f}x | {e['compile_seconds']:.2f} |")
     if device["platform"] == "cpu":
-        lines += ["", "These are CPU figures. XLA:CPU compiles a bfloat16 matrix product as "
-                  "float32 (convert both operands, float32 dot, convert back), so bfloat16 is "
-                  "slower than float32 here and its 'of matmul' compares with a bfloat16 matmul "
-                  "that pays the same conversions. The goal for accelerators, bf16 training at "
+        lines += ["", "These are CPU figures. On a CPU with bfloat16 matrix units (AMX-BF16, "
+                  "AVX512-BF16) XLA:CPU runs a plain-orientation bfloat16 x bfloat16 -> float32 "
+                  "product on them; convolutions and transposed-operand products it upcasts to "
+                  "float32 (docs/performance.md, findings 12-14). The goal for accelerators, "
+                  "bf16 training at "
                   ">= 60% of the bf16 matmul rate at large widths on a GPU, has not been "
                   "measured: no GPU was available for this run. Measure it with "
                   "`python benchmarks/accelerator.py` on the GPU."]
