@@ -11,6 +11,7 @@ call (compilation included). ``benchmarks/run.py`` runs them all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -66,9 +67,10 @@ def measure(variants: list[Variant], units: int, rounds: int) -> dict[str, list[
 
 def matmul_rate(size: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
     """Best ``jnp.dot`` rate in FLOP/s on ``size x size`` matrices of ``dtype`` (float32 or
-    bfloat16: the output in the same dtype, accumulated as the backend does)."""
+    bfloat16), accumulated and returned in float32: for bfloat16 the product that
+    ``precision="bf16"`` runs (a bfloat16 result is slower than float32 on XLA:CPU)."""
     a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-    dot = jax.jit(jnp.dot)
+    dot = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
     jax.block_until_ready(dot(a, a))
     times = []
     for _ in range(repeats):
