@@ -373,6 +373,79 @@ def test_gradients_in_float32_through_apply_with_reverse_only_kernels(rng):
     check_grads(lambda p: loss(p, False), (params,), order=1, modes=("rev",), eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("name", sorted(CELLS))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("keep_ys", [False, True])
+def test_reverse_only_gradients_equal_autodiff_with_masks_and_initial_states(rng, name, reverse,
+                                                                           keep_ys):
+    # the reverse-only scan (batched weight gradient, the cells' own combine_bwd) against
+    # autodiff of the plain scan, through every input: params, x, the initial state, the final
+    # state and the outputs both carrying gradient, padded and empty sequences
+    layer = jn.Recurrent(CELLS[name](HIDDEN), return_sequences=keep_ys, reverse=reverse,
+                         return_state=True)
+    x, mask = normal(rng, (BATCH, TIME, FEATURES)), lengths_mask(LENGTHS)
+    params = params_for(layer, x, rng)
+    initial = state_of(layer.cell, normal(rng, (BATCH, HIDDEN)), normal(rng, (BATCH, HIDDEN)))
+    weights = jax.tree.map(lambda a: normal(rng, a.shape), jax.eval_shape(
+        lambda: run(layer, params, {"x": x, "mask": mask, "initial_state": initial})))
+
+    def loss(p, v, s, fast):
+        out = layer.apply_with_state(p, {}, {"x": v, "mask": mask, "initial_state": s},
+                                     reverse_only=fast)[0]
+        return sum(jnp.sum(jnp.tanh(o) * w) for o, w in zip(jax.tree.leaves(out),
+                                                            jax.tree.leaves(weights)))
+
+    outputs = [layer.apply_with_state(params, {}, {"x": x, "mask": mask, "initial_state": initial},
+                                      reverse_only=fast)[0] for fast in (False, True)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), *outputs)
+    grads = {fast: jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(params, x, initial, fast)
+             for fast in (False, True)}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 grads[False], grads[True])
+    assert float(jnp.abs(grads[True][2] if name != "lstm" else grads[True][2][1]).max()) > 0
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_reverse_only_gradients_match_finite_differences_in_float64_and_vmap(rng, name):
+    with jax.enable_x64(True):
+        net = jn.Bidirectional(jn.Recurrent(CELLS[name](3), return_state=True))
+        x, mask = normal(rng, (2, 4, 2), jnp.float64), lengths_mask([4, 2], 4)
+        params = params_for(net, x, rng)
+        apply = lambda p, v: net.apply_with_state(p, {}, {"x": v, "mask": mask},
+                                                  reverse_only=True)[0]
+        loss = lambda p, v: sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(apply(p, v)))
+        check_grads(loss, (params, x), order=1, modes=("rev",))
+        # per-example gradients (vmap of grad over examples) equal the gradients one at a time
+        one = lambda p, v, m: sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(net.apply_with_state(
+            p, {}, {"x": v[None], "mask": m[None]}, reverse_only=True)[0]))
+        batched = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, mask)
+        for k in range(2):
+            single = jax.grad(one)(params, x[k], mask[k])
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=1e-10, atol=1e-12),
+                         batched, single)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_reverse_only_bf16_policy_gradients_equal_the_straight_through_ones(rng, name):
+    # under "bf16" every product rounds its operands; the reverse-only scan's batched weight
+    # gradient sums the same rounded products in another order (float32 accumulation)
+    net = jn.serial(jn.Recurrent(CELLS[name](16), return_sequences=False), jn.Dense(3))
+    x = normal(rng, (8, 6, 4))
+    params = net.init(jax.random.key(0), x[:1])
+    policy = jn.precision.get_policy("bf16")
+
+    def loss(p, fast):
+        y = jn.precision.apply_with_policy(net, policy, p, {}, x, reverse_only=fast)[0]
+        return jnp.sum(y ** 2)
+
+    slow, fast = (jax.grad(loss)(params, f) for f in (False, True))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3), slow, fast)
+    plain = jax.grad(lambda p: jnp.sum(net.apply(p, x) ** 2))(params)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(fast),
+                                                           jax.tree.leaves(plain)))
+    assert diff > 0  # the policy really rounded
+
+
 # ---- errors ----------------------------------------------------------------------------
 
 def test_bad_constructor_arguments_raise_clear_errors():

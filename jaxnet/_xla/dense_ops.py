@@ -62,14 +62,20 @@ def _matmul_fwd(x, w, operand_dtype):
 def _matmul_bwd(operand_dtype, residuals, g):
     x, w = residuals  # the unrounded operands: the gradients take their dtypes
     rows, cols = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (batch, in), (batch, out)
-    if w.shape[-1] < NARROW:
-        dw = lax.platform_dependent(
+    dx = mixed.product(_matmul, g, mixed.transposed(w, operand_dtype), operand_dtype)
+    return dx.astype(x.dtype), weight_grad(rows, cols, operand_dtype).astype(w.dtype)
+
+
+def weight_grad(rows: jax.Array, cols: jax.Array, operand_dtype=None) -> jax.Array:
+    """``rows.T @ cols``, ``(n, in), (n, out) -> (in, out)``: the weight gradient of ``rows @ w``
+    for the output gradient ``cols``, in the orientation XLA:CPU runs fast for the width ``out``
+    (the transposed form below :data:`NARROW` features); with ``operand_dtype`` on rounded
+    operands, accumulated and returned in float32."""
+    if cols.shape[-1] < NARROW:
+        return lax.platform_dependent(
             rows, cols, cpu=functools.partial(_transposed_weight_grad, operand_dtype=operand_dtype),
             default=functools.partial(_weight_grad, operand_dtype=operand_dtype))
-    else:
-        dw = _weight_grad(rows, cols, operand_dtype)
-    dx = mixed.product(_matmul, g, mixed.transposed(w, operand_dtype), operand_dtype)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return _weight_grad(rows, cols, operand_dtype)
 
 
 def _weight_grad(x, g, operand_dtype):

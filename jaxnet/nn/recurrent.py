@@ -11,6 +11,11 @@ The input projection of all time steps is one ``(batch * time, in) @ (in, G * hi
 before the scan, so that ``lax.scan`` only runs the small hidden matmul per step. Under the
 ``"bf16"`` precision policy both run on bfloat16 operands with float32 accumulation, forward and
 backward (:func:`jaxnet.nn.basic.matmul`); the state and gates stay float32.
+
+When the caller promises reverse mode only (``apply_with_state(..., reverse_only=True)``, as
+``fit`` does), the scan runs through ``jaxnet._xla.recurrence_ops.scan``, whose gradient computes
+the hidden weight's gradient in one product after the reverse loop and reuses the gate
+activations the forward loop saved (each cell's ``combine_fwd``/``combine_bwd``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnet._xla import recurrence_ops
 from jaxnet.nn.activations import ACTIVATIONS, tanh
 from jaxnet.nn.basic import check_positive, matmul
 from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, require_example_ndim,
@@ -36,15 +42,20 @@ class _Cell:
     """One step of a recurrence, as plain functions that :class:`Recurrent` scans.
 
     ``init`` makes the params, ``zero_state`` the default state, ``project`` maps inputs to the
-    ``G * hidden`` gate pre-activations (biases folded in where the formula allows; it runs once
-    over all time steps), ``step(params, state, projected) -> (state, h)`` adds the hidden term
-    for one step and ``output(state)`` is the ``h`` of a state. ``project`` and ``step`` take
-    the product to use as ``matmul`` (``jnp.matmul`` by default).
+    ``G * hidden`` gate pre-activations ``xp`` (it runs once over all time steps, with the hidden
+    bias folded in where ``folds_hidden_bias``), ``step(params, state, xp) -> state`` computes
+    the hidden term ``hp = output(state) @ W_hidden (+ hidden_bias)`` and ``combine(state, xp,
+    hp)``, and ``output(state)`` is the ``h`` of a state. ``combine_fwd`` also returns what
+    ``combine_bwd(residuals, d_new) -> (d_state, d_xp, d_hp)`` needs (by default its inputs, and
+    the gradient by ``jax.vjp``; LSTM and GRU save their gate activations and need no
+    transcendental function in the backward pass). ``project`` and ``step`` take the product to
+    use as ``matmul`` (``jnp.matmul`` by default).
     """
 
     hidden: int
     gates: ClassVar[int] = 1
     kind: ClassVar[str] = "recurrent"
+    folds_hidden_bias: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive(type(self).__name__, "hidden", self.hidden)
@@ -66,11 +77,32 @@ class _Cell:
     def project(self, params, x, matmul=jnp.matmul):
         """``(n, in) -> (n, G*hidden)``: ``x @ W_input + b_input (+ b_hidden)``."""
         y = matmul(x, params["input"]["w"])
-        return y + broadcast_trailing(params["input"]["b"] + params["hidden"]["b"], y)
+        b = params["input"]["b"]
+        return y + broadcast_trailing(b + params["hidden"]["b"] if self.folds_hidden_bias else b, y)
 
-    def step(self, params, state, projected, matmul=jnp.matmul):
-        """``(state, h)`` after one step; ``projected`` is this step's ``project`` output."""
+    def hidden_bias(self, params):
+        """The bias added to the hidden product every step: ``None`` where ``project`` folds it."""
+        return None if self.folds_hidden_bias else params["hidden"]["b"]
+
+    def step(self, params, state, xp, matmul=jnp.matmul):
+        """The state after one step; ``xp`` is this step's ``project`` output."""
+        hp = matmul(self.output(state), params["hidden"]["w"])
+        bias = self.hidden_bias(params)
+        return self.combine(state, xp, hp if bias is None else hp + broadcast_trailing(bias, hp))
+
+    def combine(self, state, xp, hp):
+        """The new state from the state, the input term ``xp`` and the hidden term ``hp``."""
+        return self.combine_fwd(state, xp, hp)[0]
+
+    def combine_fwd(self, state, xp, hp):
+        """``(new_state, residuals)``: :meth:`combine` and what :meth:`combine_bwd` needs."""
         raise NotImplementedError
+
+    def combine_bwd(self, residuals, d_new):
+        """``(d_state, d_xp, d_hp)`` for the cotangent ``d_new`` of the new state; ``d_xp`` is
+        ``d_hp`` itself (the same object) where the two are equal."""
+        _, pullback = jax.vjp(self.combine, *residuals)
+        return pullback(d_new)
 
     def output(self, state):
         """The cell's output ``h`` of ``state``."""
@@ -101,9 +133,11 @@ class SimpleRNNCell(_Cell):
             raise TypeError(f"SimpleRNNCell: activation must be a function or one of "
                             f"{sorted(ACTIVATIONS)}, got {self.activation!r}")
 
-    def step(self, params, h, xp, matmul=jnp.matmul):
-        h = self.activation(xp + matmul(h, params["hidden"]["w"]))
-        return h, h
+    def combine(self, h, xp, hp):
+        return self.activation(xp + hp)
+
+    def combine_fwd(self, h, xp, hp):
+        return self.combine(h, xp, hp), (h, xp, hp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +160,21 @@ class LSTMCell(_Cell):
     def output(self, state):
         return state[0]
 
-    def step(self, params, state, xp, matmul=jnp.matmul):
-        h, c = state
-        i, f, g, o = jnp.split(xp + matmul(h, params["hidden"]["w"]), 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return (h, c), h
+    def combine_fwd(self, state, xp, hp):
+        _, c = state
+        i, f, g, o = jnp.split(xp + hp, 4, axis=-1)
+        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        c = f * c + i * g
+        tanh_c = jnp.tanh(c)
+        return (o * tanh_c, c), (i, f, g, o, state[1], tanh_c)
+
+    def combine_bwd(self, residuals, d_new):
+        i, f, g, o, c, tanh_c = residuals
+        dh, dc = d_new
+        dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        d_gates = jnp.concatenate([dc * g * i * (1 - i), dc * c * f * (1 - f),
+                                   dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
+        return (jnp.zeros_like(dh), dc * f), d_gates, d_gates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,22 +190,21 @@ class GRUCell(_Cell):
 
     gates: ClassVar[int] = 3
     kind: ClassVar[str] = "gru"
+    folds_hidden_bias: ClassVar[bool] = False  # b_hn sits inside r * (...)
 
-    def project(self, params, x, matmul=jnp.matmul):
-        # b_hn sits inside r * (...): only the r and z parts of the hidden bias fold in here
-        b_h = params["hidden"]["b"]
-        folded = jnp.concatenate([b_h[:2 * self.hidden], jnp.zeros_like(b_h[2 * self.hidden:])])
-        y = matmul(x, params["input"]["w"])
-        return y + broadcast_trailing(params["input"]["b"] + folded, y)
+    def combine_fwd(self, h, xp, hp):
+        width = 2 * self.hidden
+        r, z = jnp.split(jax.nn.sigmoid(xp[..., :width] + hp[..., :width]), 2, axis=-1)
+        hn = hp[..., width:]
+        n = jnp.tanh(xp[..., width:] + r * hn)
+        return (1 - z) * n + z * h, (h, r, z, n, hn)
 
-    def step(self, params, h, xp, matmul=jnp.matmul):
-        hp = matmul(h, params["hidden"]["w"])
-        x_rz, x_n = xp[:, :2 * self.hidden], xp[:, 2 * self.hidden:]
-        r, z = jnp.split(jax.nn.sigmoid(x_rz + hp[:, :2 * self.hidden]), 2, axis=-1)
-        hn = hp[:, 2 * self.hidden:]
-        n = jnp.tanh(x_n + r * (hn + broadcast_trailing(params["hidden"]["b"][2 * self.hidden:], hn)))
-        h = (1 - z) * n + z * h
-        return h, h
+    def combine_bwd(self, residuals, d_new):
+        h, r, z, n, hn = residuals
+        dn = d_new * (1 - z) * (1 - n * n)
+        dr, dz = dn * hn * r * (1 - r), d_new * (h - n) * z * (1 - z)
+        return (d_new * z, jnp.concatenate([dr, dz, dn], axis=-1),
+                jnp.concatenate([dr, dz, dn * r], axis=-1))
 
 
 # ---- inputs --------------------------------------------------------------------------
@@ -268,24 +310,35 @@ class Recurrent(Layer):
         if carry is None:
             carry = cell.zero_state(batch, x.dtype)
         carry = jax.tree.map(lambda s: jnp.asarray(s, x.dtype), carry)
-        keep_ys = self.return_sequences
+        keep_ys, mask_t = self.return_sequences, None if mask is None else mask.T
+        options = trace_options()
+        if options.reverse_only:
+            final, ys = recurrence_ops.scan(
+                cell, self.reverse, keep_ys, options.matmul_dtype, params["hidden"]["w"],
+                cell.hidden_bias(params), xs, carry, mask_t)
+        else:
+            final, ys = self._scan(params, xs, carry, mask_t, options.matmul_dtype)
+        y = jnp.swapaxes(ys, 0, 1) if keep_ys else cell.output(final)
+        return ((y, final) if self.return_state else y), state
+
+    def _scan(self, params, xs, carry, mask_t, matmul_dtype):
+        """``(final_state, ys)`` by autodiff-able ``lax.scan`` (any differentiation mode)."""
+        cell, keep_ys = self.cell, self.return_sequences
         # the per-step product rounds its operands under the "bf16" policy; otherwise it stays
-        # the plain product, whose autodiff inside the scan the W7 benchmark measures
-        step_matmul = jnp.matmul if trace_options().matmul_dtype is None else matmul
+        # the plain product
+        step_matmul = jnp.matmul if matmul_dtype is None else matmul
 
         def body(carry, step_input):
             xp_t, real = step_input
-            new, h = cell.step(params, carry, xp_t, step_matmul)
+            new = cell.step(params, carry, xp_t, step_matmul)
+            h = cell.output(new)
             if real is not None:  # padded steps keep the state and output zeros
                 real = real[:, None]
                 new = jax.tree.map(lambda a, b: jnp.where(real, a, b), new, carry)
                 h = jnp.where(real, h, jnp.zeros_like(h))
             return new, (h if keep_ys else None)
 
-        final, ys = lax.scan(body, carry, (xs, None if mask is None else mask.T),
-                             reverse=self.reverse)
-        y = jnp.swapaxes(ys, 0, 1) if keep_ys else cell.output(final)
-        return ((y, final) if self.return_state else y), state
+        return lax.scan(body, carry, (xs, mask_t), reverse=self.reverse)
 
     def flops(self, x_shape, y_shape, params):
         batch, time, features = x_shape[:3]
