@@ -51,15 +51,15 @@ def _masked(real, new, old):
     return jax.tree.map(lambda a, b: jnp.where(real[:, None], a, b), new, old)
 
 
-def _forward(cell, reverse, keep_ys, operand_dtype, w, b, xs, state, mask_t, save):
+def _forward(cell, reverse, keep_ys, operand_dtype, w, b_x, b_h, xs, state, mask_t, save):
     w_rounded = mixed.rounded(w, operand_dtype)
 
     def body(state, inputs):
         xp, real = inputs
         h = cell.output(state)
-        hp = _product(h, w_rounded, operand_dtype).astype(xp.dtype)
-        if b is not None:
-            hp = hp + b[None, :]
+        hp = _product(h, w_rounded, operand_dtype).astype(xp.dtype) + b_h[None, :]
+        if b_x is not None:
+            xp = xp + b_x[None, :]
         new, residuals = cell.combine_fwd(state, xp, hp)
         y = _masked(real, cell.output(new), jnp.zeros_like(h)) if keep_ys else None
         return _masked(real, new, state), (y, (h, residuals) if save else None)
@@ -69,37 +69,38 @@ def _forward(cell, reverse, keep_ys, operand_dtype, w, b, xs, state, mask_t, sav
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def scan(cell: Cell, reverse: bool, keep_ys: bool, operand_dtype, w: jax.Array,
-         b: jax.Array | None, xs: jax.Array, state, mask_t: jax.Array | None):
+         b_x: jax.Array | None, b_h: jax.Array, xs: jax.Array, state, mask_t: jax.Array | None):
     """Runs ``cell`` over ``xs``: ``(final_state, ys)``.
 
-    Every step computes ``hp = output(state) @ w (+ b)`` and ``state = cell.combine_fwd(state,
-    xs[t], hp)[0]``; padded steps (``mask_t[t]`` False) keep the state and output zeros.
+    Every step computes ``hp = output(state) @ w + b_h`` and ``state = cell.combine_fwd(state,
+    xs[t] (+ b_x), hp)[0]``; padded steps (``mask_t[t]`` False) keep the state and output zeros.
 
     Args:
       cell: a cell with ``output``, ``combine_fwd`` and ``combine_bwd`` (:class:`Cell`).
       reverse: run from the last step to the first.
       keep_ys: return every step's output; else ``ys`` is ``None``.
       operand_dtype: ``None``, or the dtype every product rounds its operands to.
-      w: ``(hidden, G*hidden)`` hidden weight. b: ``(G*hidden,)`` bias added to ``hp``, or ``None``.
-      xs: ``(time, batch, G*hidden)`` input projections. state: the initial state, each array
+      w: ``(hidden, G*hidden)`` hidden weight. b_x, b_h: ``(G*hidden,)`` biases added to every
+        step's input term and hidden term (``b_x`` may be ``None``).
+      xs: ``(time, batch, G*hidden)`` input terms. state: the initial state, each array
         ``(batch, hidden)``. mask_t: ``(time, batch)`` bool (True = real step) or ``None``.
 
     Returns:
       ``(final_state, ys)``, ``ys (time, batch, hidden)`` or ``None``.
     """
-    final, (ys, _) = _forward(cell, reverse, keep_ys, operand_dtype, w, b, xs, state, mask_t,
-                              save=False)
+    final, (ys, _) = _forward(cell, reverse, keep_ys, operand_dtype, w, b_x, b_h, xs, state,
+                              mask_t, save=False)
     return final, ys
 
 
-def _scan_fwd(cell, reverse, keep_ys, operand_dtype, w, b, xs, state, mask_t):
-    final, (ys, saved) = _forward(cell, reverse, keep_ys, operand_dtype, w, b, xs, state, mask_t,
-                                  save=True)
-    return (final, ys), (w, b, saved, mask_t)
+def _scan_fwd(cell, reverse, keep_ys, operand_dtype, w, b_x, b_h, xs, state, mask_t):
+    final, (ys, saved) = _forward(cell, reverse, keep_ys, operand_dtype, w, b_x, b_h, xs, state,
+                                  mask_t, save=True)
+    return (final, ys), (w, b_x, saved, mask_t)
 
 
 def _scan_bwd(cell, reverse, keep_ys, operand_dtype, residuals, cotangents):
-    w, b, (hs, saved), mask_t = residuals
+    w, b_x, (hs, saved), mask_t = residuals
     d_final, dys = cotangents
     w_t = mixed.transposed(w, operand_dtype)
     # the output is a linear projection of the state: its transpose adds an h gradient to a state's
@@ -122,8 +123,10 @@ def _scan_bwd(cell, reverse, keep_ys, operand_dtype, residuals, cotangents):
     d_state, (dxs, dhps) = lax.scan(body, d_final, (saved, dys, mask_t), reverse=not reverse)
     rows = hs.reshape(-1, hs.shape[-1])
     dw = dense_ops.weight_grad(rows, dhps.reshape(-1, dhps.shape[-1]), operand_dtype)
-    db = None if b is None else dhps.sum(axis=(0, 1)).astype(b.dtype)
-    return dw.astype(w.dtype), db, dhps if dxs is None else dxs, d_state, None
+    dxs = dhps if dxs is None else dxs
+    db_x = None if b_x is None else dxs.sum(axis=(0, 1)).astype(b_x.dtype)
+    return (dw.astype(w.dtype), db_x, dhps.sum(axis=(0, 1)).astype(w.dtype), dxs, d_state,
+            None)
 
 
 scan.defvjp(_scan_fwd, _scan_bwd)

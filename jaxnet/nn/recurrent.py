@@ -42,10 +42,10 @@ class _Cell:
     """One step of a recurrence, as plain functions that :class:`Recurrent` scans.
 
     ``init`` makes the params, ``zero_state`` the default state, ``project`` maps inputs to the
-    ``G * hidden`` gate pre-activations ``xp`` (it runs once over all time steps, with the hidden
-    bias folded in where ``folds_hidden_bias``), ``step(params, state, xp) -> state`` computes
-    the hidden term ``hp = output(state) @ W_hidden (+ hidden_bias)`` and ``combine(state, xp,
-    hp)``, and ``output(state)`` is the ``h`` of a state. ``combine_fwd`` also returns what
+    ``G * hidden`` input terms ``x @ W_input`` (it runs once over all time steps),
+    ``step(params, state, xp) -> state`` adds the biases (:meth:`biases`) to ``xp`` and to the
+    hidden term ``hp = output(state) @ W_hidden`` and computes ``combine(state, xp, hp)``, and
+    ``output(state)`` is the ``h`` of a state. ``combine_fwd`` also returns what
     ``combine_bwd(residuals, d_new) -> (d_state, d_xp, d_hp)`` needs (by default its inputs, and
     the gradient by ``jax.vjp``; LSTM and GRU save their gate activations and need no
     transcendental function in the backward pass). ``project`` and ``step`` take the product to
@@ -75,20 +75,22 @@ class _Cell:
         return jnp.zeros((batch, self.hidden), dtype)
 
     def project(self, params, x, matmul=jnp.matmul):
-        """``(n, in) -> (n, G*hidden)``: ``x @ W_input + b_input (+ b_hidden)``."""
-        y = matmul(x, params["input"]["w"])
-        b = params["input"]["b"]
-        return y + broadcast_trailing(b + params["hidden"]["b"] if self.folds_hidden_bias else b, y)
+        """``(n, in) -> (n, G*hidden)``: ``x @ W_input``, the biases left to every step (added
+        to the step's gates, they cost no pass over all steps' projections)."""
+        return matmul(x, params["input"]["w"])
 
-    def hidden_bias(self, params):
-        """The bias added to the hidden product every step: ``None`` where ``project`` folds it."""
-        return None if self.folds_hidden_bias else params["hidden"]["b"]
+    def biases(self, params):
+        """``(b_x, b_h)``, added every step to ``xp`` and to ``hp``: ``(None, b_input +
+        b_hidden)`` where ``folds_hidden_bias``, else ``(b_input, b_hidden)``."""
+        b_input, b_hidden = params["input"]["b"], params["hidden"]["b"]
+        return (None, b_input + b_hidden) if self.folds_hidden_bias else (b_input, b_hidden)
 
     def step(self, params, state, xp, matmul=jnp.matmul):
         """The state after one step; ``xp`` is this step's ``project`` output."""
         hp = matmul(self.output(state), params["hidden"]["w"])
-        bias = self.hidden_bias(params)
-        return self.combine(state, xp, hp if bias is None else hp + broadcast_trailing(bias, hp))
+        b_x, b_h = self.biases(params)
+        xp = xp if b_x is None else xp + broadcast_trailing(b_x, xp)
+        return self.combine(state, xp, hp + broadcast_trailing(b_h, hp))
 
     def combine(self, state, xp, hp):
         """The new state from the state, the input term ``xp`` and the hidden term ``hp``."""
@@ -315,7 +317,7 @@ class Recurrent(Layer):
         if options.reverse_only:
             final, ys = recurrence_ops.scan(
                 cell, self.reverse, keep_ys, options.matmul_dtype, params["hidden"]["w"],
-                cell.hidden_bias(params), xs, carry, mask_t)
+                *cell.biases(params), xs, carry, mask_t)
         else:
             final, ys = self._scan(params, xs, carry, mask_t, options.matmul_dtype)
         y = jnp.swapaxes(ys, 0, 1) if keep_ys else cell.output(final)
