@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 
@@ -60,6 +61,16 @@ def _nan_where_out_of_range(losses, labels, num_classes):
     return jnp.where(valid, losses, jnp.nan)
 
 
+def _label_cross_entropy(logits, labels):
+    """``logsumexp(logits) - logits[label]`` over the last axis. The label's logit is picked by
+    comparing the labels with an iota: its gradient is elementwise and fuses with the softmax,
+    where that of ``take_along_axis`` (optax's integer-label loss) is a scatter, three more
+    kernels per step on XLA:CPU. A label out of range picks nothing."""
+    classes = lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+    picked = jnp.sum(jnp.where(labels[..., None] == classes, logits, 0), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
                           label_smoothing: float = 0.0) -> jax.Array:
     """Cross-entropy of ``softmax(logits)`` against integer class labels.
@@ -82,7 +93,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
                                       label_smoothing)
         losses = optax.softmax_cross_entropy(logits, targets)
     else:
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        losses = _label_cross_entropy(logits, labels)
     return _nan_where_out_of_range(losses, labels, num_classes)
 
 
@@ -101,8 +112,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array, *,
     """
     num_classes = logits.shape[-1]
     real = labels != ignore_label
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.where(real, labels, 0))
+    losses = _label_cross_entropy(logits, jnp.where(real, labels, 0))
     losses = jnp.where(real, _nan_where_out_of_range(losses, labels, num_classes), 0.0)
     token_axes = tuple(range(1, labels.ndim))
     count = jnp.sum(real, axis=token_axes).astype(losses.dtype)
