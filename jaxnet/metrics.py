@@ -40,37 +40,14 @@ def top_k_accuracy(logits: jax.Array, labels: jax.Array, k: int = 5) -> jax.Arra
 def correct(logits: jax.Array, labels: jax.Array, k: int = 1) -> jax.Array:
     """``(batch,)`` bool: the label is among the top ``k`` classes (ties count against it).
 
-    For ``k=1``, exactly ``jnp.argmax(logits, -1) == labels`` (see :func:`is_argmax`).
+    For ``k=1``, ``jnp.argmax(logits, -1) == labels``: the first of tied maxima (and the first
+    NaN) is the prediction. Inside ``fit``'s scan XLA:CPU runs the argmax's two-output reduction
+    faster than an elementwise formulation (docs/performance.md, finding 6).
     """
     if k == 1:
-        return is_argmax(logits, labels)
+        return jnp.argmax(logits, axis=-1) == labels
     label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     return jnp.sum(logits > label_logit, axis=-1) < k
-
-
-def is_argmax(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """``jnp.argmax(logits, -1) == labels`` without the argmax's two-output reduction.
-
-    The label is the argmax when every class before it has a smaller logit and every class
-    after it no larger one; NaN counts as the largest value, the first NaN winning, as in
-    ``jnp.argmax``; labels outside ``[0, classes)`` are never the argmax. Elementwise work
-    plus one all-reduction, which XLA:CPU fuses: cheaper per small training step than the
-    argmax's two outputs (docs/performance.md, finding 6).
-
-    Args:
-      logits: ``(..., classes)``; labels: ``(...)`` integer.
-
-    Returns:
-      ``(...)`` bool.
-    """
-    classes = jnp.arange(logits.shape[-1]).reshape((1,) * labels.ndim + (-1,))
-    label = labels[..., None]
-    own = jnp.sum(jnp.where(classes == label, logits, jnp.zeros_like(logits)), -1, keepdims=True)
-    own_nan, nan = jnp.isnan(own), jnp.isnan(logits)
-    before = (logits < own) | (own_nan & ~nan)  # a class before the label must lose strictly
-    after = (logits <= own) | own_nan
-    beaten = jnp.where(classes < label, before, jnp.where(classes > label, after, True))
-    return jnp.all(beaten, axis=-1) & (labels >= 0) & (labels < logits.shape[-1])
 
 
 def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:

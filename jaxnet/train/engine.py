@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet.metrics import is_argmax
+from jaxnet.metrics import correct as correct_top_k
 from jaxnet.validate import positive_int
 
 
@@ -87,7 +87,7 @@ def batch_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
     if weights is None:
         weights = jnp.ones(losses.shape, jnp.float32)
     if is_classification(logits, labels):
-        right = is_argmax(logits, labels).astype(jnp.float32)
+        right = correct_top_k(logits, labels).astype(jnp.float32)
         if labels.ndim > 1:  # per token: each example's fraction over its real tokens
             token_axes = tuple(range(1, labels.ndim))
             real = jnp.sum((labels >= 0).astype(jnp.float32), axis=token_axes)
