@@ -314,6 +314,51 @@ def test_gradients_match_finite_differences(rng, form):
                     eps=1e-3, atol=1e-3, rtol=1e-3)
 
 
+def _reverse_only(net, params, inputs):
+    return net.apply_with_state(params, {}, inputs, reverse_only=True)[0]
+
+
+@pytest.mark.parametrize("form", ["array", "pair", "cross", "empty"])
+@pytest.mark.parametrize("kv_heads", [None, 1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_reverse_only_attention_equals_the_library_path_values_and_gradients(rng, form, kv_heads,
+                                                                            causal):
+    # fit's path (the CPU custom VJP of jaxnet._xla.attention_ops) against
+    # jax.nn.dot_product_attention: outputs and gradients of params and inputs, with padding
+    # masks, a sequence without real tokens ("empty"), grouped-query heads and rotary positions
+    net = jn.MultiHeadAttention(4, num_kv_heads=kv_heads, causal=causal, rotary=True)
+    x, context = normal(rng, (3, 6, 8)), normal(rng, (3, 5, 8))
+    lengths = [6, 3, 0] if form == "empty" else [6, 3, 1]
+    mask = padding_mask(lengths, 6)
+    build = {"array": lambda v: v, "pair": lambda v: (v, mask), "empty": lambda v: (v, mask),
+             "cross": lambda v: {"query": v, "context": context, "mask": mask[:, :5]}}[form]
+    params = init(net, build(x), rng)
+    weights = normal(rng, (3, 6, 8))
+    loss = lambda p, v, fast: jnp.sum(jnp.tanh(
+        net.apply_with_state(p, {}, build(v), reverse_only=fast)[0]) * weights)
+    np.testing.assert_allclose(_reverse_only(net, params, build(x)), run(net, params, build(x)),
+                               rtol=1e-5, atol=1e-6)
+    slow, fast = (jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, f)
+                  for f in (False, True))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), slow, fast)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(fast))
+
+
+def test_reverse_only_attention_gradients_match_finite_differences_in_float64_and_vmap(rng):
+    net = jn.MultiHeadAttention(2, num_kv_heads=1, causal=True, rotary=True)
+    with jax.enable_x64(True):
+        x, mask = jnp.asarray(rng.normal(size=(2, 4, 4))), padding_mask([4, 2], 4)
+        params = init(net, (x, mask), rng)
+        # the custom VJP computes the softmax in float64: tight tolerances, unlike the library's
+        check_grads(lambda p, v: _reverse_only(net, p, (v, mask)), (params, x), order=1,
+                    modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
+        one = lambda p, v, m: jnp.sum(jnp.sin(_reverse_only(net, p, (v[None], m[None]))))
+        batched = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, mask)
+        for k in range(2):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=1e-10, atol=1e-12),
+                         batched, jax.grad(one)(params, x[k], mask[k]))
+
+
 def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32(rng):
     net = jn.MultiHeadAttention(2, causal=True, rotary=True)
     x, mask = normal(rng, (2, 6, 8)), padding_mask([6, 4], 6)

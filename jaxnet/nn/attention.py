@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnet._xla import attention_ops
 from jaxnet.nn.basic import check_positive, matmul
 from jaxnet.nn.initializers import check_weight_init, init_weight_and_bias
 from jaxnet.nn.layer import (Layer, ShapeError, broadcast_trailing, require_example_ndim,
-                             require_floating, shape_str)
+                             require_floating, shape_str, trace_options)
 from jaxnet.nn.positional import SEQUENCE, apply_rotary, check_mask, sequence_and_mask
 
 _ENTRIES = ("query", "context", "mask")
@@ -39,7 +40,9 @@ class MultiHeadAttention(Layer):
     A query that sees no key at all (its context fully masked; with ``causal``, every key up to
     its position masked) gets an output of zeros, never NaN.
 
-    The attention itself is ``jax.nn.dot_product_attention``: on CPU its XLA implementation,
+    The attention itself is ``jax.nn.dot_product_attention`` (on CPU, when the caller promises
+    reverse mode only, as ``fit`` does, ``jaxnet._xla.attention_ops.attention``: the same
+    numbers with a faster gradient there, float32 and float64 inputs): on CPU its XLA implementation,
     which computes the softmax in float32 (so bfloat16 inputs are stable, and float64 inputs
     are only float32-accurate there); ``implementation="cudnn"`` selects the fused cuDNN kernel
     on NVIDIA GPUs (float16/bfloat16 only, with cuDNN's limits on head sizes). Under the
@@ -178,17 +181,37 @@ class MultiHeadAttention(Layer):
             q = apply_rotary(q, jnp.arange(time_q)[:, None], self.rotary_base)
             k = apply_rotary(k, jnp.arange(time_k)[:, None], self.rotary_base)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        # jax promotes the logits' dtype with float32 implicitly, an error for float64 and
-        # bfloat16 under jax_numpy_dtype_promotion="strict"; its promotions are deliberate
-        with jax.numpy_dtype_promotion("standard"):
-            o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
-                                             implementation=self.implementation)
+        o = self._attend(q, k, v, mask)
         y = self._project(params["out"], o.reshape(batch, time_q, heads * head))
         valid = query_mask if query_mask is not None else self._sees_a_key(key_mask, time_q)
         if valid is not None:
             # a query without any key gets jax's uniform average over masked keys: zero it
             y = jnp.where(valid[..., None], y, jnp.zeros_like(y))
         return y, state
+
+    def _attend(self, q, k, v, mask):
+        """``(batch, time_q, heads, head)``: ``jax.nn.dot_product_attention``, or on CPU, when the
+        caller promises reverse mode only, ``attention_ops.attention`` (the same numbers, a
+        faster gradient there; float32 and float64 only, whose softmax it computes in place)."""
+        def library(q, k, v):
+            # jax promotes the logits' dtype with float32 implicitly, an error for float64 and
+            # bfloat16 under jax_numpy_dtype_promotion="strict"; its promotions are deliberate
+            with jax.numpy_dtype_promotion("standard"):
+                return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
+                                                    implementation=self.implementation)
+
+        def heads_major(q, k, v):
+            group = q.shape[2] // k.shape[2]  # grouped-query: key/value head h serves `group`
+            if group > 1:
+                k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+            o = attention_ops.attention(*(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), mask,
+                                        self.causal)
+            return jnp.swapaxes(o, 1, 2)
+
+        if (trace_options().reverse_only and self.implementation is None
+                and q.dtype in (jnp.float32, jnp.float64)):
+            return lax.platform_dependent(q, k, v, cpu=heads_major, default=library)
+        return library(q, k, v)
 
     def _sees_a_key(self, key_mask, time_q):
         """``(batch, time_q)`` bool: the query attends to at least one key; ``None`` without a mask."""
