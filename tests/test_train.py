@@ -6,7 +6,6 @@ import pytest
 
 import jaxnet as jn
 from jaxnet import train
-from jaxnet.train import engine
 from jaxnet.losses import softmax_cross_entropy
 from support import blobs, count_compiles
 
@@ -206,27 +205,6 @@ def test_evaluate_matches_a_direct_computation(key, rng):
     logits = net.apply(params, x)
     np.testing.assert_allclose(got["loss"], softmax_cross_entropy(logits, jnp.asarray(y)).mean(), rtol=1e-5)
     np.testing.assert_allclose(got["accuracy"], float((logits.argmax(-1) == y).mean()), rtol=1e-6)
-
-
-@pytest.mark.parametrize("high", [2 ** 32, 7])  # 7: most keys tie, ties keep index order
-def test_packed_sort_equals_the_key_value_sort(rng, high):
-    keys = jnp.asarray(rng.integers(0, high, size=5000, dtype=np.uint64).astype(np.uint32))
-    expected = np.argsort(np.asarray(keys), kind="stable")
-    np.testing.assert_array_equal(jax.jit(engine._sort_packed)(keys), expected)
-    np.testing.assert_array_equal(jax.jit(engine._sort_key_val)(keys), expected)
-    assert jax.jit(engine._sort_packed)(keys).dtype == jnp.int32
-
-
-def test_shuffled_order_is_a_permutation_and_depends_on_the_key():
-    a = np.asarray(train.shuffled_order(jax.random.key(0), 1000))
-    b = np.asarray(train.shuffled_order(jax.random.key(1), 1000))
-    np.testing.assert_array_equal(np.sort(a), np.arange(1000))
-    assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(1000))
-    # each position is uniform: over many keys, where index 0 lands is spread out
-    first = [int(np.flatnonzero(np.asarray(train.shuffled_order(jax.random.key(k), 10)) == 0)[0])
-             for k in range(400)]
-    counts = np.bincount(first, minlength=10)
-    assert counts.min() > 20 and counts.max() < 65
 
 
 def test_a_loss_that_returns_the_batch_mean_is_refused_by_fit_and_the_step(key):

@@ -1,7 +1,8 @@
 """Training: the train step (:mod:`~jaxnet.train.state`), the epoch driver shared by ``fit`` and
 populations (:mod:`~jaxnet.train.engine`), and ``fit``/``evaluate`` (:mod:`~jaxnet.train.fit`)."""
 
-from jaxnet.train.engine import EpochPlan, Sums, batch_sums, run_epochs, shuffled_order
+from jaxnet.train.engine import EpochPlan, Sums, batch_sums, run_epochs
+from jaxnet.train.shuffle import shuffled_order
 from jaxnet.train.fit import evaluate, fit, make_epoch, make_evaluate
 from jaxnet.train.state import (ON_NAN, LossFn, StepMetrics, TrainState, TrainStep,
                                 init_sharded, init_train_state, make_train_step, train_batch)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.metrics import correct as correct_top_k
+from jaxnet.train.shuffle import shuffled_order
 from jaxnet.validate import positive_int
 
 
@@ -138,30 +139,6 @@ class EpochPlan(NamedTuple):
         topped up from the start."""
         return numpy.resize(order, (self.num_batches * self.batch_size,)).reshape(
             self.num_batches, self.batch_size)
-
-
-def shuffled_order(key: jax.Array, n: int) -> jax.Array:
-    """A random permutation of ``arange(n)`` (int32), drawn on the device with one sort.
-
-    ``jax.random.permutation`` sorts several times, and XLA:CPU's sort is slow enough that for
-    small networks it doubled an epoch's time (docs/performance.md, finding 6). One sort by
-    random 32-bit keys is uniform except that the rare equal keys keep their index order.
-    """
-    keys = jax.random.bits(key, (n,), jnp.uint32)
-    return jax.lax.platform_dependent(keys, cpu=_sort_packed, default=_sort_key_val)
-
-
-def _sort_key_val(keys: jax.Array) -> jax.Array:
-    return jax.lax.sort_key_val(keys, jnp.arange(keys.shape[0], dtype=jnp.int32))[1]
-
-
-def _sort_packed(keys: jax.Array) -> jax.Array:
-    """The same permutation as :func:`_sort_key_val`, from one sort of ``key << 32 | index`` as
-    uint64: XLA:CPU sorts one array of numbers much faster than keys with a payload
-    (docs/performance.md, finding 6)."""
-    with jax.enable_x64(True):
-        packed = keys.astype(jnp.uint64) << 32 | jnp.arange(keys.shape[0], dtype=jnp.uint64)
-        return (jax.lax.sort(packed) & 0xFFFFFFFF).astype(jnp.int32)
 
 
 def epoch_order(run_key: jax.Array, epoch_index, plan: EpochPlan) -> jax.Array:
