@@ -26,8 +26,7 @@ import optax
 
 from benchmarks.harness import Variant, loop_variant
 from benchmarks.peers import missing_module, torch_train_variant
-from benchmarks.workloads import raw_update
-from jaxnet._xla import options as xla_options
+from benchmarks.workloads import fit_program, raw_update
 from jaxnet.losses import softmax_cross_entropy, token_cross_entropy
 from jaxnet.models import transformer
 from jaxnet.nn.basic import Dense
@@ -194,7 +193,7 @@ def jaxnet_variants(net, loss, x, y, steps_per_call: int, precision: str | None 
                         init_train_state(net, optimizer, params))
     xs, ys = jnp.concatenate([x] * steps_per_call), jnp.concatenate([y] * steps_per_call)
     epoch_fn, _ = make_epoch(net, optimizer, loss, xs.shape[0], batch, precision=precision)
-    epoch = xla_options.jit(epoch_fn, donate_argnums=0)  # as fit compiles it
+    epoch = fit_program(epoch_fn)
     fit = loop_variant(f"jaxnet fit (device loop){suffix}",
                        lambda s: (epoch(s[0], xs, ys, jnp.int32(s[1]))[0], s[1] + 1),
                        (init_train_state(net, optimizer, params), 0), units_per_call=steps_per_call)

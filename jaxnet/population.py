@@ -387,8 +387,8 @@ def fit_population(net: Layer, population: Population, optimizer: optax.Gradient
                   "out_shardings": (shardings, _member_sharding(mesh))}
 
     start = time.perf_counter()
-    compiled = xla_options.jit(epoch_fn, donate_argnums=0, **layout).lower(
-        population, x, y, jnp.int32(0)).compile()
+    compiled = xla_options.compile(xla_options.jit(epoch_fn, donate_argnums=0, **layout),
+                                   population, x, y, jnp.int32(0))
     evaluations = [_compile_member_evaluation(net, loss, data, eval_batch_size, precision,
                                               population, prefix, shardings)
                    for prefix, data in (("val", validation_data), ("test", eval_data))

@@ -64,7 +64,7 @@ def test_the_environment_can_restore_xlas_defaults(fresh_options):
 
 def test_an_xla_without_the_option_gets_none(fresh_options):
     fresh_options.setattr(xla_options, "YNN_FUSION_TYPES", "LIBRARY_FUSION_TYPE_NO_SUCH_KIND")
-    fresh_options.setattr(xla_options, "FORWARD_YNN_FUSION_TYPES", "NOT_A_VALUE")
+    fresh_options.setattr(xla_options, "EIGEN_DOT_FUSION_TYPES", "NOT_A_VALUE")
     assert xla_options.compiler_options(False) == xla_options.compiler_options(True) == {}
     assert float(xla_options.jit(jnp.negative)(jnp.float32(2))) == -2.0
 
@@ -99,3 +99,55 @@ def test_train_step_and_predict_compile_with_the_options(key, rng, fresh_options
     # the train step, predict in small chunks, predict in one large chunk (init compiles no
     # heavy program and may run inside another jit, so it takes jax.jit's defaults)
     assert [kw["compiler_options"] for kw in captured] == [expected, expected, forward]
+
+
+def _dot(rows, dtype=jnp.float32):
+    return lambda a, b: a @ b, (jnp.ones((rows, 16), dtype), jnp.ones((16, 32), dtype))
+
+
+@pytest.mark.parametrize("rows, dtype, large", [(xla_options.LARGE_DOT_ROWS, jnp.float32, True),
+                                                (xla_options.LARGE_DOT_ROWS - 1, jnp.float32, False),
+                                                (xla_options.LARGE_DOT_ROWS, jnp.bfloat16, False)])
+def test_large_dots_are_float32_products_of_many_rows(rows, dtype, large):
+    fn, args = _dot(rows, dtype)
+    assert xla_options.has_large_dots(jax.make_jaxpr(fn)(*args)) == large
+    # its gradient too: the input's gradient has as many rows, the weight's fewer
+    grad = jax.grad(lambda a, b: fn(a, b).astype(jnp.float32).sum(), argnums=(0, 1))
+    assert xla_options.has_large_dots(jax.make_jaxpr(grad)(*args)) == large
+
+
+def test_large_dots_weigh_loop_bodies_by_their_length_and_leave_out_batched_products():
+    big = jnp.ones((2048, 8))  # 2 * 2048 * 8 * 64 FLOPs
+    small = jnp.ones((16, 64))  # 2 * 16 * 64 * 64 FLOPs per step
+
+    def program(length):
+        def fn(w, v):
+            body = lambda carry, _: (carry @ v, None)  # noqa: E731
+            return big @ w, jax.lax.scan(body, small, None, length=length)[0]
+        return jax.make_jaxpr(fn)(jnp.ones((8, 64)), jnp.ones((64, 64)))
+
+    assert xla_options.has_large_dots(program(1))
+    assert not xla_options.has_large_dots(program(100))
+    batched = jax.make_jaxpr(jnp.matmul)(jnp.ones((4, 4096, 16)), jnp.ones((4, 16, 16)))
+    assert not xla_options.has_large_dots(batched)
+    assert not xla_options.has_large_dots(jax.make_jaxpr(jnp.sin)(1.0))  # no dots at all
+
+
+def _ynn_dots(text: str) -> bool:
+    return any(" dot(" in text[text.index(f"%{c} "):][:text[text.index(f"%{c} "):].index("\n}")]
+               for c in re.findall(r"kind=kCustom, calls=%([\w.]+).*__ynn_fusion", text))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU option")
+def test_programs_with_large_dots_leave_them_to_eigen(fresh_options, key):
+    small, large = _dot(32), _dot(xla_options.LARGE_DOT_ROWS)
+    assert _ynn_dots(xla_options.compile(xla_options.jit(small[0]), *small[1]).as_text())
+    assert not _ynn_dots(xla_options.compile(xla_options.jit(large[0]), *large[1]).as_text())
+    # the train step decides at its first call
+    net, optimizer = jn.serial(jn.Dense(32), jn.relu, jn.Dense(4)), optax.sgd(0.1)
+    for rows, ynn in ((32, True), (xla_options.LARGE_DOT_ROWS, False)):
+        x, y = jnp.ones((rows, 16)), jnp.zeros((rows,), jnp.int32)
+        state = jn.init_train_state(net, optimizer, net.init(key, x[:1]))
+        step = jn.make_train_step(net, optimizer)
+        assert _ynn_dots(step.lower(state, x, y).compile().as_text()) == ynn
+        np.testing.assert_allclose(step(state, x, y)[1]["loss"], np.log(4), rtol=0.3)

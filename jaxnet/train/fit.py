@@ -364,8 +364,8 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
     done, rest = divmod(int(state.step), plan.num_batches)  # rest: a mid-epoch checkpoint's
     every = step_interval(callbacks)
     if every is None and not rest:  # the default: one program per epoch
-        compiled = xla_options.jit(epoch_fn, donate_argnums=0, **shardings).lower(
-            state, x, y, jnp.int32(0)).compile()
+        compiled = xla_options.compile(xla_options.jit(epoch_fn, donate_argnums=0, **shardings),
+                                       state, x, y, jnp.int32(0))
         run_epoch = lambda state, epoch: compiled(state, x, y, epoch)  # noqa: E731
     else:
         run_epoch = _SegmentedEpochs(
@@ -375,8 +375,9 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
                 progress_every or max(plan.num_batches // 50, 1), on_nan, precision=policy,
                 batch_sharding=epoch_layout, metrics=metrics, augment=augment),
             state, x, y, plan, every=every, first_step=rest, callbacks=callbacks,
-            whole=None if every is not None else xla_options.jit(
-                epoch_fn, donate_argnums=0, **shardings),
+            whole=None if every is not None else xla_options.compile(
+                xla_options.jit(epoch_fn, donate_argnums=0, **shardings), state, x, y,
+                jnp.int32(0)),
             zero=zero_sums(net, loss, metrics, on_nan, state, x, y), classification=classification,
             shardings=shardings, mesh=mesh)
     evaluations = {prefix: _compile_evaluation(
@@ -451,7 +452,7 @@ class _SegmentedEpochs:
     segments (:func:`make_segment`, one compiled program per segment length) cut every
     ``every`` steps, with the step callbacks due called between segments. The first epoch
     starts at step ``first_step`` of its epoch (a state from a mid-epoch checkpoint); without
-    ``every``, later epochs run whole (``whole``, jitted lazily).
+    ``every``, later epochs run whole (``whole``, a compiled epoch program).
     """
 
     def __init__(self, make_segment_fn, state, x, y, plan: EpochPlan, *, every, first_step,
@@ -467,9 +468,9 @@ class _SegmentedEpochs:
         begins = {first_step} | ({0} if every is not None else set())  # else whole epochs
         lengths = {length for begin in begins
                    for _, length in segment_bounds(begin, plan.num_batches, every)}
-        self.programs = {length: xla_options.jit(make_segment_fn(length), donate_argnums=0,
-                                                 **shardings).lower(
-            state, self.zero, x, y, order, jnp.int32(0)).compile() for length in lengths}
+        self.programs = {length: xla_options.compile(
+            xla_options.jit(make_segment_fn(length), donate_argnums=0, **shardings),
+            state, self.zero, x, y, order, jnp.int32(0)) for length in lengths}
 
     def __call__(self, state, epoch):
         begin, self.first_step = self.first_step, 0

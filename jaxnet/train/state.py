@@ -372,15 +372,21 @@ class TrainStep:
                 for tree in (x, y))
         return state, x, y
 
-    def _program(self, state: TrainState):
-        """The jitted step for ``state``'s layout (its outputs keep that layout)."""
+    def _program(self, state: TrainState, arguments: tuple):
+        """The jitted step for ``state``'s layout (its outputs keep that layout), with dots left
+        to Eigen when the step's are large (``jaxnet._xla.options.has_large_dots``, decided
+        from its first ``arguments``)."""
         layout = None if self._mesh is None else jax.tree.map(lambda a: a.sharding, state)
         key = None if layout is None else (jax.tree.structure(layout), *jax.tree.leaves(layout))
         if key not in self._programs:
             shardings = {} if layout is None else {"out_shardings": (
                 (layout.params, layout.model_state, layout.opt_state),
                 data_parallel.replicated(self._mesh), data_parallel.replicated(self._mesh))}
-            self._programs[key] = xla_options.jit(self._step, donate_argnums=(0, 1), **shardings)
+            program = xla_options.jit(self._step, donate_argnums=(0, 1), **shardings)
+            if xla_options.has_large_dots(program.trace(*arguments).jaxpr):
+                program = xla_options.jit(self._step, eigen_dots=True, donate_argnums=(0, 1),
+                                          **shardings)
+            self._programs[key] = program
         return self._programs[key]
 
     def _arguments(self, state: TrainState, x, y) -> tuple:
@@ -389,12 +395,14 @@ class TrainStep:
 
     def __call__(self, state: TrainState, x, y) -> tuple[TrainState, StepMetrics]:
         state, x, y = self._placed(state, x, y)
-        trained, step, metrics = self._program(state)(*self._arguments(state, x, y))
+        arguments = self._arguments(state, x, y)
+        trained, step, metrics = self._program(state, arguments)(*arguments)
         return TrainState(*trained, step, state.key), StepMetrics(metrics, self._index)
 
     def lower(self, state: TrainState, x, y):
         state, x, y = self._placed(state, x, y)
-        return self._program(state).lower(*self._arguments(state, x, y))
+        arguments = self._arguments(state, x, y)
+        return self._program(state, arguments).lower(*arguments)
 
 
 class StepMetrics(Mapping):

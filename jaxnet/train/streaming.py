@@ -235,7 +235,7 @@ def fit_streaming(net: Layer, params: Params | TrainState, optimizer: optax.Grad
                                                idle_steps=source.has_idle_steps,
                                                augment=augment),
                                 donate_argnums=0)  # not the sums: the host waits on them
-    compiled = run_chunk.lower(state, zero(), *_chunk_specs(x1, y1, steps, rows)).compile()
+    compiled = xla_options.compile(run_chunk, state, zero(), *_chunk_specs(x1, y1, steps, rows))
     evaluations = []
     for prefix, data in (("val", validation_data), ("test", eval_data)):
         if data is not None:  # arrays too: a streaming run's evaluation data may be large
