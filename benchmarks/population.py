@@ -5,7 +5,9 @@ The unit of work is one step of every member. Variants, the first being the refe
 - raw-JAX donated step, members one after another, in a Python loop;
 - the raw step under ``jax.vmap`` over the members, in a Python loop;
 - the same ``vmap`` inside one ``lax.scan`` over the steps: the hand-written population that
-  ``fit_population`` is measured against;
+  ``fit_population`` is measured against; and the same with each member's own learning rate
+  (``optax.inject_hyperparams``, as the jaxnet population below trains), the like-for-like
+  reference;
 - jaxnet's train step, members one after another, in a Python loop;
 - jaxnet's ``fit`` epoch program (the device loop), members one after another;
 - jaxnet's population epoch (``fit_population``): every member in one program, with one shared
@@ -50,7 +52,7 @@ def _sequential(name: str, step, states: list, steps: int) -> Variant:
     return loop_variant(name, one_round, states, units_per_call=steps)
 
 
-def _vmap_scan_variant(update, stacked, x, y, steps: int) -> Variant:
+def _vmap_scan_variant(update, stacked, x, y, steps: int, suffix: str = "") -> Variant:
     """The hand-written population: the ``vmap`` of the raw step over the members inside one
     ``lax.scan`` over the ``steps`` batches of ``(x, y)`` in order, one jitted call."""
     members_step = jax.vmap(update, (0, 0, None, None))
@@ -63,8 +65,19 @@ def _vmap_scan_variant(update, stacked, x, y, steps: int) -> Variant:
         return jax.lax.scan(body, (params, opt_state), (xs, ys))[0]
 
     scan = jax.jit(run, donate_argnums=(0, 1))
-    return loop_variant(f"raw-jax vmap of the step in one lax.scan over {steps} steps",
+    return loop_variant(f"raw-jax vmap of the step in one lax.scan over {steps} steps{suffix}",
                         lambda s: scan(*s), stacked, units_per_call=steps)
+
+
+def _with_learning_rates(optimizer, params: list, lrs) -> tuple:
+    """The members' ``(params, opt_state)`` stacked, each optimizer state (of an
+    ``optax.inject_hyperparams`` optimizer) with its member's learning rate."""
+    states = []
+    for p, lr in zip(params, lrs):
+        opt_state = optimizer.init(jax.tree.map(jnp.copy, p))
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+        states.append((jax.tree.map(jnp.copy, p), opt_state))
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
 def population_variants(members: int = 16, steps: int = 200) -> list[Variant]:
@@ -78,6 +91,8 @@ def population_variants(members: int = 16, steps: int = 200) -> list[Variant]:
     raw_step = jax.jit(update, donate_argnums=(0, 1))
     raw_states = [(p, optax.adam(1e-3).init(p)) for p in (raw_init(k, SIZES) for k in keys)]
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *raw_states)
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+    lr_state = _with_learning_rates(optimizer, [p for p, _ in raw_states], lrs)  # before donation
     variants = [_sequential(f"raw-jax step loop, {members} one after another",
                             lambda s: raw_step(*s, xb, yb)[:2], raw_states, steps)]
     scan_state = jax.tree.map(jnp.copy, stacked)  # each variant donates its own
@@ -85,9 +100,10 @@ def population_variants(members: int = 16, steps: int = 200) -> list[Variant]:
     variants.append(loop_variant("raw-jax vmap of the step, step loop",
                                  lambda s: vmapped(*s, xb, yb)[:2], stacked, units_per_call=1))
     variants.append(_vmap_scan_variant(update, scan_state, x, y, steps))
+    variants.append(_vmap_scan_variant(functools.partial(raw_update, optimizer, raw_apply),
+                                       lr_state, x, y, steps, ", per-member learning rates"))
 
     net = mlp(SIZES)
-    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
     population = init_population(net, optimizer, x[:1], seeds=list(range(members)),
                                  hyperparams={"learning_rate": lrs})
     member_states = [population.member(i) for i in range(members)]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -172,12 +173,21 @@ def test_w4_variants_train_every_member_and_measure():
     assert [v.name for v in variants] == [
         "raw-jax step loop, 2 one after another", "raw-jax vmap of the step, step loop",
         "raw-jax vmap of the step in one lax.scan over 4 steps",
+        "raw-jax vmap of the step in one lax.scan over 4 steps, per-member learning rates",
         "jaxnet train step loop, 2 one after another",
         "jaxnet fit (device loop), 2 one after another",
         "jaxnet population, shared data order", "jaxnet population, own data order"]
     rates = harness.measure(variants, 4, 1)
     assert all(len(r) == 1 and r[0] > 0 for r in rates.values())
     assert population.flops_per_unit(2) == 6 * 32 * 2 * (64 * 32 + 32 * 10)
+
+
+def test_the_like_for_like_w4_reference_gives_each_member_its_learning_rate():
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1.0)
+    params = [{"w": jnp.ones((2, 3))}, {"w": jnp.zeros((2, 3))}]
+    stacked, opt_state = population._with_learning_rates(optimizer, params, [0.1, 0.01])
+    np.testing.assert_allclose(opt_state.hyperparams["learning_rate"], [0.1, 0.01])
+    np.testing.assert_array_equal(stacked["w"], np.stack([np.ones((2, 3)), np.zeros((2, 3))]))
 
 
 def test_run_prints_skip_notes_verbatim_and_writes_json_and_markdown(monkeypatch, tmp_path,
