@@ -101,30 +101,35 @@ def test_train_step_and_predict_compile_with_the_options(key, rng, fresh_options
     assert [kw["compiler_options"] for kw in captured] == [expected, expected, forward]
 
 
-def _dot(rows, dtype=jnp.float32):
-    return lambda a, b: a @ b, (jnp.ones((rows, 16), dtype), jnp.ones((16, 32), dtype))
+COLUMNS = xla_options.LARGE_DOT_COLUMNS
 
 
-@pytest.mark.parametrize("rows, dtype, large", [(xla_options.LARGE_DOT_ROWS, jnp.float32, True),
-                                                (xla_options.LARGE_DOT_ROWS - 1, jnp.float32, False),
-                                                (xla_options.LARGE_DOT_ROWS, jnp.bfloat16, False)])
-def test_large_dots_are_float32_products_of_many_rows(rows, dtype, large):
-    fn, args = _dot(rows, dtype)
+def _dot(rows, dtype=jnp.float32, columns=COLUMNS):
+    return lambda a, b: a @ b, (jnp.ones((rows, COLUMNS), dtype), jnp.ones((COLUMNS, columns), dtype))
+
+
+@pytest.mark.parametrize("rows, columns, dtype, large", [
+    (xla_options.LARGE_DOT_ROWS, COLUMNS, jnp.float32, True),
+    (xla_options.LARGE_DOT_ROWS - 1, COLUMNS, jnp.float32, False),
+    (xla_options.LARGE_DOT_ROWS, COLUMNS - 1, jnp.float32, False),
+    (xla_options.LARGE_DOT_ROWS, COLUMNS, jnp.bfloat16, False)])
+def test_large_dots_are_float32_products_of_many_rows_and_columns(rows, columns, dtype, large):
+    fn, args = _dot(rows, dtype, columns)
     assert xla_options.has_large_dots(jax.make_jaxpr(fn)(*args)) == large
-    # its gradient too: the input's gradient has as many rows, the weight's fewer
+    # its gradient too: the input's gradient has as many rows and columns, the weight's fewer rows
     grad = jax.grad(lambda a, b: fn(a, b).astype(jnp.float32).sum(), argnums=(0, 1))
     assert xla_options.has_large_dots(jax.make_jaxpr(grad)(*args)) == large
 
 
 def test_large_dots_weigh_loop_bodies_by_their_length_and_leave_out_batched_products():
-    big = jnp.ones((2048, 8))  # 2 * 2048 * 8 * 64 FLOPs
-    small = jnp.ones((16, 64))  # 2 * 16 * 64 * 64 FLOPs per step
+    big = jnp.ones((2048, 8))  # 2 * 2048 * 8 * 256 FLOPs
+    small = jnp.ones((16, 256))  # 2 * 16 * 256 * 256 FLOPs per step
 
     def program(length):
         def fn(w, v):
             body = lambda carry, _: (carry @ v, None)  # noqa: E731
             return big @ w, jax.lax.scan(body, small, None, length=length)[0]
-        return jax.make_jaxpr(fn)(jnp.ones((8, 64)), jnp.ones((64, 64)))
+        return jax.make_jaxpr(fn)(jnp.ones((8, 256)), jnp.ones((256, 256)))
 
     assert xla_options.has_large_dots(program(1))
     assert not xla_options.has_large_dots(program(100))
@@ -144,10 +149,13 @@ def test_programs_with_large_dots_leave_them_to_eigen(fresh_options, key):
     assert _ynn_dots(xla_options.compile(xla_options.jit(small[0]), *small[1]).as_text())
     assert not _ynn_dots(xla_options.compile(xla_options.jit(large[0]), *large[1]).as_text())
     # the train step decides at its first call
-    net, optimizer = jn.serial(jn.Dense(32), jn.relu, jn.Dense(4)), optax.sgd(0.1)
+    net = jn.serial(jn.Dense(COLUMNS), jn.relu, jn.Dense(COLUMNS), jn.relu, jn.Dense(4))
+    optimizer = optax.sgd(0.1)
     for rows, ynn in ((32, True), (xla_options.LARGE_DOT_ROWS, False)):
-        x, y = jnp.ones((rows, 16)), jnp.zeros((rows,), jnp.int32)
+        x, y = jnp.ones((rows, COLUMNS)), jnp.zeros((rows,), jnp.int32)
         state = jn.init_train_state(net, optimizer, net.init(key, x[:1]))
         step = jn.make_train_step(net, optimizer)
         assert _ynn_dots(step.lower(state, x, y).compile().as_text()) == ynn
-        np.testing.assert_allclose(step(state, x, y)[1]["loss"], np.log(4), rtol=0.3)
+        expected = optax.softmax_cross_entropy_with_integer_labels(
+            net.apply(state.params, x), y).mean()  # the step's metrics are before its update
+        np.testing.assert_allclose(step(state, x, y)[1]["loss"], expected, rtol=1e-5)

@@ -11,9 +11,9 @@ Forward-only programs (``predict``, ``evaluate``) over at least :data:`LARGE_FOR
 call also leave dots to Eigen (:data:`EIGEN_DOT_FUSION_TYPES`): for the benchmark MLP's
 forward pass Eigen's dots are the faster from 256 rows up and YNNPACK's below (docs/performance.md,
 finding 9). Training programs do so when most of their float32 dot work is in products of at
-least :data:`LARGE_DOT_ROWS` rows (:func:`has_large_dots`, :func:`compile`), as a transformer's
-``batch x time`` rows are: Eigen runs those faster, YNNPACK the products of a batch of a hundred
-rows (finding 20).
+least :data:`LARGE_DOT_ROWS` rows and :data:`LARGE_DOT_COLUMNS` columns (:func:`has_large_dots`,
+:func:`compile`), as a transformer's ``batch x time`` rows are: Eigen runs those faster,
+YNNPACK the products of a batch of a hundred rows and those of a few columns (finding 20).
 
 The options apply per compiled program (``jax.jit(..., compiler_options=...)``), never to the
 rest of the process. They are left out off CPU, when the environment sets
@@ -35,7 +35,7 @@ YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 YNN_FUSION_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 EIGEN_DOT_FUSION_TYPES = "LIBRARY_FUSION_TYPE_REDUCE"
 LARGE_FORWARD_ROWS = 256
-LARGE_DOT_ROWS = 2048
+LARGE_DOT_ROWS, LARGE_DOT_COLUMNS = 2048, 256
 
 
 @functools.cache
@@ -81,7 +81,8 @@ def compile(jitted, *args):
 def has_large_dots(jaxpr) -> bool:
     """Whether at least half of the float32 dot FLOPs of ``jaxpr`` (a ``ClosedJaxpr``, its
     loops' bodies counted once per iteration of a ``scan``) are in products without batch axes
-    whose left operand has at least :data:`LARGE_DOT_ROWS` rows (its free axes)."""
+    with at least :data:`LARGE_DOT_ROWS` rows (the left operand's free axes) and
+    :data:`LARGE_DOT_COLUMNS` columns (the right operand's)."""
     large = total = 0
     for eqn, repeats in _equations(jaxpr.jaxpr, 1):
         if eqn.primitive.name != "dot_general":
@@ -89,13 +90,15 @@ def has_large_dots(jaxpr) -> bool:
         lhs, rhs = (v.aval for v in eqn.invars[:2])
         if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
             continue  # bfloat16 products are YNNPACK's (the matrix units)
-        (contracting, _), (batch, _) = eqn.params["dimension_numbers"]
+        (contracting, rhs_contracting), (batch, _) = eqn.params["dimension_numbers"]
         flops = 2 * repeats * math.prod(eqn.outvars[0].aval.shape) * math.prod(
             lhs.shape[d] for d in contracting)
         rows = math.prod(lhs.shape[d] for d in range(lhs.ndim)
                          if d not in contracting and d not in batch)
+        columns = math.prod(rhs.shape[d] for d in range(rhs.ndim) if d not in rhs_contracting)
         total += flops
-        large += flops if not batch and rows >= LARGE_DOT_ROWS else 0
+        large += flops if (not batch and rows >= LARGE_DOT_ROWS
+                           and columns >= LARGE_DOT_COLUMNS) else 0
     return total > 0 and 2 * large >= total
 
 
