@@ -374,8 +374,8 @@ class TrainStep:
 
     def _program(self, state: TrainState, arguments: tuple):
         """The jitted step for ``state``'s layout (its outputs keep that layout), with dots left
-        to Eigen when the step's are large (``jaxnet._xla.options.has_large_dots``, decided
-        from its first ``arguments``)."""
+        to Eigen when the step's are large (``jaxnet._xla.options.has_large_dots``), as the
+        first ``arguments`` decide."""
         layout = None if self._mesh is None else jax.tree.map(lambda a: a.sharding, state)
         key = None if layout is None else (jax.tree.structure(layout), *jax.tree.leaves(layout))
         if key not in self._programs:
