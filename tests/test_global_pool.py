@@ -1,5 +1,6 @@
 """GlobalAvgPool and GlobalMaxPool against NumPy and PyTorch, plus transforms, gradients and errors."""
 
+import math
 import re
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxnet as jn
+from jaxnet._xla import options as xla_options
 from contract import assert_contract, random_params
 
 LAYERS = {"avg": jn.GlobalAvgPool, "max": jn.GlobalMaxPool}
@@ -83,6 +85,30 @@ def test_global_max_pool_splits_the_gradient_between_tied_maxima():
     x = jnp.asarray([[[1.0], [3.0], [3.0], [0.0]]], jnp.float32)  # (1, 4, 1)
     grad = jax.grad(lambda v: jnp.sum(jn.GlobalMaxPool().apply({}, v)))(x)
     np.testing.assert_array_equal(grad.ravel(), [0, 0.5, 0.5, 0])
+
+
+
+def _with_nans(rng, shape):
+    """Normal values with a NaN in about one in five examples' channels, as NumPy gets them."""
+    x = rng.normal(size=shape).astype(np.float32)
+    x[rng.random(shape) < 0.2 / math.prod(shape[1:-1])] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("where", ["eager", "jit", "jaxnet program"])
+def test_global_max_pool_keeps_nan_as_numpy(where, rng):
+    """XLA:CPU's max reduction drops NaN at these sizes (docs/performance.md, finding 22)."""
+    x = _with_nans(rng, (512, 7, 7, 16))
+    layer = jn.GlobalMaxPool()
+    compile_ = {"eager": lambda f: f, "jit": jax.jit, "jaxnet program": xla_options.jit}[where]
+    y = np.asarray(compile_(layer.apply)({}, jnp.asarray(x)))
+    expected = np.max(x, axis=(1, 2))
+    assert np.isnan(expected).any() and not np.isnan(expected).all()
+    np.testing.assert_array_equal(y, expected)
+    grad = np.asarray(compile_(jax.grad(lambda v: jnp.sum(layer.apply({}, v))))(jnp.asarray(x)))
+    # the gradient goes to the NaN inputs, and to the maximum where there are none
+    np.testing.assert_array_equal(grad, np.where(np.isnan(x) | (x == expected[:, None, None]),
+                                                 1.0, 0.0))
 
 
 def test_global_max_pool_keeps_integer_inputs_integer():

@@ -253,6 +253,10 @@ class MaxPool(_Pool):
       padding: ``"VALID"`` (default), ``"SAME"`` or ``(low, high)`` pairs; padding never wins the max.
 
     Shapes: x ``(batch, *spatial, channels)`` -> y ``(batch, *out_spatial, channels)``.
+
+    Known limitation: on CPU, with windows that tile the input, a NaN in a window is dropped
+    (the window's largest number is returned), because XLA:CPU's max reductions skip NaN
+    (docs/performance.md, finding 22).
     """
 
     kind: ClassVar[str] = "max_pool"

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
+from jaxnet._xla import nan_max
 from jaxnet.nn.layer import Layer, ShapeError, require_floating, shape_str
 
 
@@ -70,7 +71,9 @@ class GlobalAvgPool(_GlobalPool):
 class GlobalMaxPool(_GlobalPool):
     """Maximum of each channel over all spatial positions.
 
-    Its gradient goes to the maximal position (split equally between exact ties).
+    Its gradient goes to the maximal position (split equally between exact ties). A NaN input
+    makes its channel's maximum NaN, as in NumPy and PyTorch, on every backend (XLA:CPU's own
+    max reduction drops NaN: ``jaxnet._xla.nan_max``), and takes that channel's gradient.
 
     Args:
       keepdims: keep the spatial axes, with size 1.
@@ -83,4 +86,4 @@ class GlobalMaxPool(_GlobalPool):
     kind: ClassVar[str] = "global_max_pool"
 
     def forward(self, params, state, x, *, train, key):
-        return jnp.max(x, axis=self._axes(x), keepdims=self.keepdims), state
+        return nan_max.max_over(x, self._axes(x), self.keepdims), state
