@@ -119,6 +119,38 @@ def raw_scan_variant(apply, params, x, y, length: int, compiler_options: dict | 
                         (params, optimizer.init(params)), units_per_call=length)
 
 
+def raw_shuffled_epoch(optimizer, apply, length: int, batch: int):
+    """``epoch(params, opt_state, key, xs, ys) -> (params, opt_state)``: the raw step under
+    ``lax.scan`` over ``xs, ys`` (``length * batch`` examples) shuffled by
+    ``jax.random.permutation(key)``, one gather, cut into ``length`` batches: what a careful
+    user writes for a shuffled epoch on the device."""
+    update = functools.partial(raw_update, optimizer, apply)
+
+    def epoch(params, opt_state, key, xs, ys):
+        order = jax.random.permutation(key, xs.shape[0]).reshape(length, batch)
+
+        def body(carry, batch):
+            params, opt_state, loss = update(*carry, *batch)
+            return (params, opt_state), loss
+        return jax.lax.scan(body, (params, opt_state), (xs[order], ys[order]))[0]
+    return epoch
+
+
+def raw_shuffled_scan_variant(apply, params, x, y, length: int) -> Variant:
+    """:func:`raw_shuffled_epoch` over ``x`` and ``y`` repeated ``length`` times (as fit's
+    variant trains on), shuffled anew in every call, jitted with donated buffers."""
+    optimizer = optax.adam(1e-3)
+    run = jax.jit(raw_shuffled_epoch(optimizer, apply, length, x.shape[0]), donate_argnums=(0, 1),
+                  compiler_options=xla_options.compiler_options() or None)
+    xs, ys = jnp.concatenate([x] * length), jnp.concatenate([y] * length)
+
+    def step(s):  # s: (params, opt_state, epoch number)
+        return (*run(s[0], s[1], jax.random.fold_in(jax.random.key(1), s[2]), xs, ys), s[2] + 1)
+
+    return loop_variant(f"raw-jax lax.scan over {length} steps of a shuffled epoch", step,
+                        (params, optimizer.init(params), 0), units_per_call=length)
+
+
 def mlp(sizes):
     layers = []
     for width in sizes[1:-1]:
@@ -134,14 +166,16 @@ def mlp_batch(sizes, batch):
 
 
 def train_variants(sizes, batch, steps_per_call) -> list[Variant]:
-    """Raw-JAX step loop (the reference, first), the same without donation and under
-    ``lax.scan`` over ``steps_per_call`` steps (as many as fit's device loop runs per call),
-    jaxnet's step loop and fit's device loop, all on ``mlp_batch(sizes, batch)``."""
+    """Raw-JAX step loop (the reference, first), the same without donation, under ``lax.scan``
+    over ``steps_per_call`` steps (as many as fit's device loop runs per call) and over a
+    shuffled epoch of as many steps, jaxnet's step loop and fit's device loop, all on
+    ``mlp_batch(sizes, batch)``."""
     key = jax.random.key(0)
     x, y = mlp_batch(sizes, batch)
     return [raw_variant(raw_apply, raw_init(key, sizes), x, y),
             raw_variant(raw_apply, raw_init(key, sizes), x, y, donate=False),
             raw_scan_variant(raw_apply, raw_init(key, sizes), x, y, steps_per_call),
+            raw_shuffled_scan_variant(raw_apply, raw_init(key, sizes), x, y, steps_per_call),
             *jaxnet_train_variants(mlp(sizes), x, y, steps_per_call)]
 
 

@@ -39,7 +39,8 @@ def test_train_entries_have_every_field_and_ratios_to_the_donated_reference():
     variants = workloads.train_variants(SIZES, 4, 2)
     names = [v.name for v in variants]
     assert names == ["raw-jax step (donated)", "raw-jax step (no donation)",
-                     "raw-jax lax.scan over 2 steps", "jaxnet train step", "jaxnet fit (device loop)"]
+                     "raw-jax lax.scan over 2 steps", "raw-jax lax.scan over 2 steps of a shuffled epoch",
+                     "jaxnet train step", "jaxnet fit (device loop)"]
     rates = harness.measure(variants, 2, rounds=2)
     peak = 1e9
     entries = harness.summarise("tiny", variants, rates, "steps/s", 100.0, peak)
@@ -53,6 +54,25 @@ def test_train_entries_have_every_field_and_ratios_to_the_donated_reference():
     reference = entries[0]["median"]
     assert entries[0]["ratio"] == 1.0
     assert all(math.isclose(e["ratio"], e["median"] / reference) for e in entries)
+
+
+def test_shuffled_epoch_reference_trains_on_the_permuted_batches_in_order():
+    optimizer, length, batch = optax.adam(1e-3), 3, 4
+    key = jax.random.key(5)
+    xs = jax.random.normal(jax.random.key(1), (length * batch, SIZES[0]))
+    ys = jax.random.randint(jax.random.key(2), (length * batch,), 0, SIZES[-1])
+    params = workloads.raw_init(jax.random.key(0), SIZES)
+    got = jax.jit(workloads.raw_shuffled_epoch(optimizer, workloads.raw_apply, length, batch))(
+        params, optimizer.init(params), key, xs, ys)
+    order = np.asarray(jax.random.permutation(key, length * batch)).reshape(length, batch)
+    assert sorted(order.ravel()) == list(range(length * batch))
+    expected = (params, optimizer.init(params))
+    for rows in order:
+        expected = workloads.raw_update(optimizer, workloads.raw_apply, *expected, xs[rows],
+                                        ys[rows])[:2]
+    np.testing.assert_allclose(np.concatenate([np.ravel(a) for a in jax.tree.leaves(got)]),
+                               np.concatenate([np.ravel(a) for a in jax.tree.leaves(expected)]),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_compile_entry_takes_the_median_of_fresh_compilations():
