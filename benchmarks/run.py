@@ -11,7 +11,9 @@ in the same run (``benchmarks/harness.py``).
 Workloads (``benchmarks/workloads.py``):
   Matmul: the isolated float32 and bfloat16 x bfloat16 -> float32 products (2048^3 and W5's
       conv2 as a 25088x288x64 product), the limits of float32 and bfloat16 training.
-  W1: MLP 784-512-512-10, Adam, float32, batch 128 (and 1024): train steps per second.
+  W1: MLP 784-512-512-10, Adam, float32, batch 128 (and 1024): train steps per second,
+      beside the raw step under ``lax.scan`` over one batch repeated and over a shuffled epoch
+      (``fit`` does the latter).
   W2: MLP 64-32-10, batch 32: the same, all per-step overhead.
   W3: forward pass of the W1 MLP on 8192 inputs: samples per second.
   W4: 16 W2 MLPs trained at once (``benchmarks/population.py``): steps of every member per
