@@ -363,11 +363,14 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
     start = time.perf_counter()
     done, rest = divmod(int(state.step), plan.num_batches)  # rest: a mid-epoch checkpoint's
     every = step_interval(callbacks)
-    if every is None and not rest:  # the default: one program per epoch
+    whole = None  # (state, epoch) -> (state, sums): one program per epoch, the default
+    if every is None:
         compiled = xla_options.compile(xla_options.jit(epoch_fn, donate_argnums=0, **shardings),
                                        state, x, y, jnp.int32(0))
-        run_epoch = lambda state, epoch: compiled(state, x, y, epoch)  # noqa: E731
-    else:
+        whole = lambda state, epoch: compiled(state, x, y, epoch)  # noqa: E731
+    if every is None and not rest:
+        run_epoch = whole
+    else:  # step callbacks, or the rest of a mid-epoch checkpoint's epoch first
         run_epoch = _SegmentedEpochs(
             lambda length: make_segment(
                 net, optimizer, loss, n, batch_size, length,
@@ -375,9 +378,7 @@ def fit(net: Layer, params: Params | TrainState, optimizer: optax.GradientTransf
                 progress_every or max(plan.num_batches // 50, 1), on_nan, precision=policy,
                 batch_sharding=epoch_layout, metrics=metrics, augment=augment),
             state, x, y, plan, every=every, first_step=rest, callbacks=callbacks,
-            whole=None if every is not None else xla_options.compile(
-                xla_options.jit(epoch_fn, donate_argnums=0, **shardings), state, x, y,
-                jnp.int32(0)),
+            whole=whole,
             zero=zero_sums(net, loss, metrics, on_nan, state, x, y), classification=classification,
             shardings=shardings, mesh=mesh)
     evaluations = {prefix: _compile_evaluation(
@@ -452,7 +453,7 @@ class _SegmentedEpochs:
     segments (:func:`make_segment`, one compiled program per segment length) cut every
     ``every`` steps, with the step callbacks due called between segments. The first epoch
     starts at step ``first_step`` of its epoch (a state from a mid-epoch checkpoint); without
-    ``every``, later epochs run whole (``whole``, a compiled epoch program).
+    ``every``, later epochs run whole (``whole(state, epoch)``, the compiled epoch program).
     """
 
     def __init__(self, make_segment_fn, state, x, y, plan: EpochPlan, *, every, first_step,
@@ -475,7 +476,7 @@ class _SegmentedEpochs:
     def __call__(self, state, epoch):
         begin, self.first_step = self.first_step, 0
         if self.every is None and begin == 0:
-            return self.whole(state, self.x, self.y, epoch)
+            return self.whole(state, epoch)
         order, sums = self.order(state.key, epoch), self.zero
         for first, length in segment_bounds(begin, self.plan.num_batches, self.every):
             state, sums = self.programs[length](state, sums, self.x, self.y, order,
