@@ -101,18 +101,20 @@ def raw_variant(apply, params, x, y, *, donate: bool = True,
     return loop_variant(name, lambda s: step(*s, x, y)[:2], (params, optimizer.init(params)))
 
 
+def scan_updates(update, params, opt_state, xs, ys):
+    """``update`` (:func:`raw_update` with its optimizer and apply bound) under ``lax.scan`` over
+    the batches ``xs: (length, batch, ...)``, ``ys: (length, batch)``: ``(params, opt_state)``."""
+    def body(carry, batch):
+        params, opt_state, loss = update(*carry, *batch)
+        return (params, opt_state), loss
+    return jax.lax.scan(body, (params, opt_state), (xs, ys))[0]
+
+
 def raw_scan_variant(apply, params, x, y, length: int, compiler_options: dict | None = None
                      ) -> Variant:
     """The raw Adam step under ``lax.scan`` over ``length`` resident batches in one jitted call."""
     optimizer = optax.adam(1e-3)
-    update = functools.partial(raw_update, optimizer, apply)
-
-    def steps(params, opt_state, xs, ys):  # xs: (length, batch, ...), ys: (length, batch)
-        def body(carry, batch):
-            params, opt_state, loss = update(*carry, *batch)
-            return (params, opt_state), loss
-        return jax.lax.scan(body, (params, opt_state), (xs, ys))[0]
-
+    steps = functools.partial(scan_updates, functools.partial(raw_update, optimizer, apply))
     scan = jax.jit(steps, donate_argnums=(0, 1), compiler_options=compiler_options)
     xs, ys = jnp.stack([x] * length), jnp.stack([y] * length)
     return loop_variant(f"raw-jax lax.scan over {length} steps", lambda s: scan(*s, xs, ys),
@@ -128,20 +130,16 @@ def raw_shuffled_epoch(optimizer, apply, length: int, batch: int):
 
     def epoch(params, opt_state, key, xs, ys):
         order = jax.random.permutation(key, xs.shape[0]).reshape(length, batch)
-
-        def body(carry, batch):
-            params, opt_state, loss = update(*carry, *batch)
-            return (params, opt_state), loss
-        return jax.lax.scan(body, (params, opt_state), (xs[order], ys[order]))[0]
+        return scan_updates(update, params, opt_state, xs[order], ys[order])
     return epoch
 
 
 def raw_shuffled_scan_variant(apply, params, x, y, length: int) -> Variant:
     """:func:`raw_shuffled_epoch` over ``x`` and ``y`` repeated ``length`` times (as fit's
-    variant trains on), shuffled anew in every call, jitted with donated buffers."""
+    variant trains on), shuffled anew in every call, jitted with donated buffers and XLA's
+    default options, as :func:`raw_scan_variant` is in :func:`train_variants`."""
     optimizer = optax.adam(1e-3)
-    run = jax.jit(raw_shuffled_epoch(optimizer, apply, length, x.shape[0]), donate_argnums=(0, 1),
-                  compiler_options=xla_options.compiler_options() or None)
+    run = jax.jit(raw_shuffled_epoch(optimizer, apply, length, x.shape[0]), donate_argnums=(0, 1))
     xs, ys = jnp.concatenate([x] * length), jnp.concatenate([y] * length)
 
     def step(s):  # s: (params, opt_state, epoch number)
